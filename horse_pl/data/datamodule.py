@@ -1,0 +1,225 @@
+"""The LightningDataModule: one edit batch of ``n_edits`` requests per step, split into micro-batches.
+
+Each batch is a dict of *views*; a view is a list of micro-batches (``input_ids``, ``attention_mask``,
+``labels``) of one kind of sequence:
+
+- ``edit`` (prompt + target), ``rephrase`` (rephrase + target), ``locality`` (unrelated prompt + its answer);
+- for evaluation also ``portability`` and, where the overwritten fact is known, ``edit_true``,
+  ``rephrase_true`` (prompts + the old answer) and ``locality_new`` (unrelated prompt + the new target),
+  used by the CounterFact probability scores.
+
+``{view}_rows`` gives, for each sequence of a view, its position in the edit batch, and ``index`` the
+record index in the data file, so scores can be reported per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from horse_pl.data.records import EditRequest, LoadReport, RecordError, load_requests
+from horse_pl.data.tokenize import Tokenized, collate, tokenize_pairs
+from horse_pl.models import DEFAULT_MODEL, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TRAIN_VIEWS = ("edit", "rephrase", "locality")
+EVAL_VIEWS = TRAIN_VIEWS + ("portability", "edit_true", "rephrase_true", "locality_new")
+# view -> (prompt field, answer field) of EditRequest
+VIEW_FIELDS = {
+    "edit": ("prompt", "target"),
+    "rephrase": ("rephrase", "target"),
+    "locality": ("locality_prompt", "locality_answer"),
+    "portability": ("portability_prompt", "portability_answer"),
+    "edit_true": ("prompt", "ground_truth"),
+    "rephrase_true": ("rephrase", "ground_truth"),
+    "locality_new": ("locality_prompt", "target"),
+}
+
+
+def tokenize_requests(
+    tokenizer, requests: Sequence[EditRequest], views: Sequence[str], max_length: int, where: str = "record"
+) -> datasets.Dataset:
+    """Tokenise every view of every request into a ``datasets.Dataset`` (an absent view is an empty list)."""
+    columns: dict[str, list] = {"index": list(range(len(requests)))}
+    for view in views:
+        prompt_field, answer_field = VIEW_FIELDS[view]
+        present = [i for i, r in enumerate(requests)
+                   if getattr(r, prompt_field) is not None and getattr(r, answer_field) is not None]
+        pairs = tokenize_pairs(
+            tokenizer, [getattr(requests[i], prompt_field) for i in present],
+            [getattr(requests[i], answer_field) for i in present], max_length, where=f"{where} ({view})",
+        ) if present else []
+        ids, labels = [[] for _ in requests], [[] for _ in requests]
+        for i, tok in zip(present, pairs):
+            ids[i], labels[i] = tok.input_ids, tok.labels
+        columns[f"{view}_input_ids"], columns[f"{view}_labels"] = ids, labels
+    return datasets.Dataset.from_dict(columns)
+
+
+class EditCollator:
+    """Turn the rows of one edit batch into views of micro-batches of ``batch_size`` sequences."""
+
+    def __init__(self, views: Sequence[str], batch_size: int, pad_token_id: int):
+        self.views, self.batch_size, self.pad_token_id = tuple(views), batch_size, pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch: dict = {"index": torch.tensor([r["index"] for r in rows]), "n_edits": len(rows)}
+        for view in self.views:
+            present = [(pos, Tokenized(r[f"{view}_input_ids"], r[f"{view}_labels"]))
+                       for pos, r in enumerate(rows) if r[f"{view}_input_ids"]]
+            batch[f"{view}_rows"] = torch.tensor([pos for pos, _ in present], dtype=torch.long)
+            examples = [t for _, t in present]
+            batch[view] = [collate(examples[i:i + self.batch_size], self.pad_token_id)
+                           for i in range(0, len(examples), self.batch_size)]
+        return batch
+
+
+class EditBatchSampler(Sampler[list[int]]):
+    """Yields lists of ``n_edits`` record indices, reshuffled every epoch from ``seed``.
+
+    The order depends only on (seed, epoch), so a resumed run can skip the edit batches it already
+    trained on and see exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, n_records: int, n_edits: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.n_records, self.n_edits, self.shuffle, self.seed, self.drop_last = n_records, n_edits, shuffle, seed, drop_last
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_next(self, n_batches: int) -> None:
+        """Skip the first ``n_batches`` of the next iteration (mid-epoch resume)."""
+        self._skip = n_batches
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n_records, self.n_edits)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n_records, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.n_records)
+        skip, self._skip = self._skip, 0
+        for b in range(skip, len(self)):
+            yield order[b * self.n_edits:(b + 1) * self.n_edits].tolist()
+
+
+class EditDataModule(L.LightningDataModule):
+    """Edit batches from zsRE, CounterFact, KnowEdit or plain request files (local JSON/JSONL[.gz] or a hub id).
+
+    Args:
+        train_path: training records (file path or Hugging Face dataset id).
+        val_path: evaluation records; defaults to none (no validation).
+        test_path: test records; defaults to ``val_path``.
+        dataset: record layout: ``zsre``, ``counterfact``, ``knowedit``, ``requests`` or ``auto``.
+        model: tokenizer source (the LM's name; linked from the module by ``train.py``).
+        n_edits: requests edited together in one training step.
+        batch_size: sequences per forward/backward micro-batch.
+        val_n_edits: requests edited together at validation (default ``n_edits``).
+        val_limit: evaluate only the first ``val_limit`` records of the evaluation file.
+        max_length: longest prompt + answer in tokens; longer records are an error, never truncated.
+        skip_invalid: skip invalid training records (counted and logged) instead of failing.
+        seed: shuffling seed.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        dataset: str = "auto",
+        model: str = DEFAULT_MODEL,
+        n_edits: int = 128,
+        batch_size: int = 32,
+        val_n_edits: int | None = None,
+        val_limit: int | None = None,
+        max_length: int = 256,
+        skip_invalid: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if n_edits < 1 or batch_size < 1:
+            raise ValueError(f"n_edits ({n_edits}) and batch_size ({batch_size}) must be positive.")
+        self.save_hyperparameters()
+        self.reports: dict[str, LoadReport] = {}
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.requests: dict[str, list[EditRequest]] = {}
+        self.tokenizer = None
+        self._train_sampler: EditBatchSampler | None = None
+
+    def _read(self, path: str, split: str, training: bool) -> list[EditRequest]:
+        hp = self.hparams
+        limit = None if training else hp.val_limit
+        require = ("rephrase", "locality_prompt") if training else ()
+        requests, report = load_requests(path, hp.dataset, skip_invalid=hp.skip_invalid and training,
+                                         require=require, limit=limit)
+        self.reports[split] = report
+        if report.n_invalid:
+            log.warning("Skipped invalid %s records: %s", split, report.summary())
+        return requests
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(hp.model)
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}.get(stage or "fit",
+                                                                                                     ["train", "val"])
+        paths = {"train": hp.train_path, "val": hp.val_path, "test": hp.test_path or hp.val_path}
+        for split in wanted:
+            if split in self.splits or paths[split] is None:
+                if split == "train" and paths[split] is None:
+                    raise RecordError("EditDataModule needs data.train_path to fit; point it at a training file.")
+                continue
+            training = split == "train"
+            requests = self._read(paths[split], split, training)
+            views = TRAIN_VIEWS if training else EVAL_VIEWS
+            self.requests[split] = requests
+            self.splits[split] = tokenize_requests(self.tokenizer, requests, views, hp.max_length,
+                                                   where=f"{paths[split]}: record")
+            n_edits = hp.n_edits if training else (hp.val_n_edits or hp.n_edits)
+            rest = len(requests) % n_edits
+            if rest:
+                what = "dropped each epoch (reshuffled, so every record is still seen)" if training else \
+                    "edited together as a last, smaller edit batch"
+                log.info("%s: %d requests = %d edit batches of %d; the remaining %d are %s.", split, len(requests),
+                         len(requests) // n_edits, n_edits, rest, what)
+
+    def _loader(self, split: str, training: bool) -> DataLoader:
+        hp = self.hparams
+        n_edits = hp.n_edits if training else (hp.val_n_edits or hp.n_edits)
+        sampler = EditBatchSampler(len(self.splits[split]), n_edits, shuffle=training, seed=hp.seed, drop_last=training)
+        if training and len(sampler) == 0:
+            raise RecordError(f"{hp.train_path} has {len(self.splits[split])} valid records, fewer than n_edits={n_edits}.")
+        views = TRAIN_VIEWS if training else EVAL_VIEWS
+        return DataLoader(self.splits[split], batch_sampler=sampler, num_workers=hp.num_workers,
+                          collate_fn=EditCollator(views, hp.batch_size, self.tokenizer.pad_token_id),
+                          persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self._loader("train", training=True)
+        self._train_sampler = loader.batch_sampler
+        trainer = self.trainer
+        if trainer is not None and trainer.global_step > 0:
+            # Mid-epoch resume: skip the edit batches this epoch already trained on (one step per batch).
+            done = trainer.global_step - trainer.current_epoch * len(loader.batch_sampler)
+            if 0 < done < len(loader.batch_sampler):
+                loader.batch_sampler.set_epoch(trainer.current_epoch)
+                loader.batch_sampler.skip_next(done)
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", training=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", training=False)

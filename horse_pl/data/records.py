@@ -1,0 +1,282 @@
+"""Read edit requests from zsRE, CounterFact (simplified and ROME layouts), KnowEdit and a plain format.
+
+Every layout becomes the same :class:`EditRequest`: (edit prompt, target), (rephrase, target),
+(unrelated prompt, its answer), plus the overwritten fact and a portability question where present.
+Invalid records raise :class:`RecordError` naming the file, the record index and the field, or, with
+``skip_invalid=True``, are counted with their reasons; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("zsre", "counterfact", "knowedit", "requests")
+
+
+class RecordError(ValueError):
+    """A data file or one of its records is unusable; the message names the file, record and field."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: make ``prompt`` continue with ``target``; ``rephrase`` tests generalisation and
+    ``locality_prompt``/``locality_answer`` an unrelated fact that must not change."""
+
+    prompt: str
+    target: str
+    rephrase: str | None = None
+    locality_prompt: str | None = None
+    locality_answer: str | None = None
+    ground_truth: str | None = None  # the fact being overwritten (CounterFact scores)
+    portability_prompt: str | None = None
+    portability_answer: str | None = None
+    subject: str | None = None
+
+
+@dataclass
+class LoadReport:
+    """What a reader kept and what it rejected, with reasons."""
+
+    path: str
+    n_records: int = 0
+    invalid: Counter = field(default_factory=Counter)
+
+    @property
+    def n_invalid(self) -> int:
+        return sum(self.invalid.values())
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} x {why}" for why, n in self.invalid.most_common())
+        return f"{self.path}: {self.n_records} records, {self.n_invalid} invalid" + (f" ({reasons})" if reasons else "")
+
+
+def read_json_records(path: str | Path) -> list[Any]:
+    """Read a JSON array or JSONL file (optionally gzip-compressed), or a Hugging Face dataset id, into records."""
+    path = Path(path)
+    if not path.exists() and _looks_like_hub_id(str(path)):
+        import datasets
+
+        return datasets.load_dataset(str(path), split="train").to_list()
+    if not path.is_file():
+        raise RecordError(f"Data file '{path}' does not exist; check the path (shared data lives in ../shared/data).")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecordError(f"Data file '{path}' cannot be read as UTF-8 text ({err}); pass a JSON or JSONL file.") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise RecordError(f"Data file '{path}' is empty; it needs a JSON list of records or one JSON record per line.")
+    if stripped[0] == "[":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"Data file '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
+                              f"{err.msg}); fix the file or write one record per line (JSONL).") from None
+        return records
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RecordError(f"Data file '{path}' line {line_no} is not valid JSON ({err.msg}); "
+                              "expected a JSON list or one JSON object per line.") from None
+    return records
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and "." not in name.split("/")[1][-6:]
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (recorded with checkpoints and editors for provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Invalid(Exception):
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"field '{field_name}' {problem}")
+        self.reason = f"'{field_name}' {problem}"
+
+
+def _text(record: dict, key: str, required: bool = True) -> str | None:
+    if key not in record or record[key] is None:
+        if required:
+            raise _Invalid(key, "is missing")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        raise _Invalid(key, f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        if required:
+            raise _Invalid(key, "is empty")
+        return None
+    return value
+
+
+def _first_text(value: Any) -> str | None:
+    """First string in a str / list[str] / list[list[str]] answer field (KnowEdit stores all three)."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _zsre(r: dict) -> EditRequest:
+    answers = r.get("answers")
+    port = r.get("portability") if isinstance(r.get("portability"), dict) else {}
+    return EditRequest(
+        prompt=_text(r, "src"), target=_text(r, "alt"), rephrase=_text(r, "rephrase"),
+        locality_prompt=_text(r, "loc"), locality_answer=_text(r, "loc_ans"),
+        ground_truth=_first_text(answers), subject=_text(r, "subject", False),
+        portability_prompt=_first_text(port.get("New Question")), portability_answer=_first_text(port.get("New Answer")),
+    )
+
+
+def _counterfact(r: dict) -> EditRequest:
+    if "requested_rewrite" in r:  # the original ROME / MEMIT layout
+        rw = r["requested_rewrite"]
+        if not isinstance(rw, dict):
+            raise _Invalid("requested_rewrite", "must be an object")
+        subject, template = _text(rw, "subject"), _text(rw, "prompt")
+        if "{}" not in template:
+            raise _Invalid("requested_rewrite.prompt", "has no '{}' placeholder for the subject")
+        new, true = rw.get("target_new"), rw.get("target_true")
+        paraphrases, neighbours = r.get("paraphrase_prompts") or [], r.get("neighborhood_prompts") or []
+        target = _first_text(new.get("str") if isinstance(new, dict) else None)
+        if target is None:
+            raise _Invalid("requested_rewrite.target_new.str", "is missing or empty")
+        truth = _first_text(true.get("str") if isinstance(true, dict) else None)
+        return EditRequest(
+            prompt=template.format(subject), target=target, rephrase=_first_text(paraphrases),
+            locality_prompt=_first_text(neighbours), locality_answer=truth if neighbours else None,
+            ground_truth=truth, subject=subject,
+        )
+    return EditRequest(
+        prompt=_text(r, "prompt"), target=_text(r, "target_new"), rephrase=_text(r, "rephrase_prompt"),
+        locality_prompt=_text(r, "locality_prompt"), locality_answer=_text(r, "locality_ground_truth"),
+        ground_truth=_text(r, "ground_truth", False), subject=_text(r, "subject", False),
+    )
+
+
+def _first_probe(groups: Any) -> tuple[str | None, str | None]:
+    """First (prompt, answer) of a KnowEdit ``locality``/``portability`` dict of lists."""
+    if not isinstance(groups, dict):
+        return None, None
+    for probes in groups.values():
+        for probe in probes if isinstance(probes, list) else []:
+            if isinstance(probe, dict) and _first_text(probe.get("prompt")) and _first_text(probe.get("ground_truth")):
+                return probe["prompt"], _first_text(probe["ground_truth"])
+    return None, None
+
+
+def _knowedit(r: dict) -> EditRequest:
+    loc_prompt, loc_answer = _first_probe(r.get("locality"))
+    port_prompt, port_answer = _first_probe(r.get("portability"))
+    if "text" in r and "labels" in r:  # WikiBio: continue a passage
+        prompt, target = _text(r, "text"), _text(r, "labels")
+        subject = _text(r, "concept", False)
+    else:
+        prompt, target, subject = _text(r, "prompt"), _text(r, "target_new"), _text(r, "subject", False)
+    return EditRequest(
+        prompt=prompt, target=target, rephrase=_text(r, "rephrase", False),
+        locality_prompt=loc_prompt, locality_answer=loc_answer, ground_truth=_first_text(r.get("ground_truth")),
+        portability_prompt=port_prompt, portability_answer=port_answer, subject=subject,
+    )
+
+
+def _requests(r: dict) -> EditRequest:
+    loc_prompt, loc_answer = _text(r, "locality_prompt", False), _text(r, "locality_answer", False)
+    if (loc_prompt is None) != (loc_answer is None):
+        raise _Invalid("locality_answer" if loc_answer is None else "locality_prompt",
+                       "is needed when the other locality field is given")
+    return EditRequest(
+        prompt=_text(r, "prompt"), target=_text(r, "target"), rephrase=_text(r, "rephrase", False),
+        locality_prompt=loc_prompt, locality_answer=loc_answer, ground_truth=_text(r, "ground_truth", False),
+        subject=_text(r, "subject", False),
+    )
+
+
+_READERS: dict[str, Callable[[dict], EditRequest]] = {
+    "zsre": _zsre, "counterfact": _counterfact, "knowedit": _knowedit, "requests": _requests,
+}
+
+
+def detect_format(record: Any) -> str:
+    """Guess the layout from the first record's keys."""
+    if isinstance(record, dict):
+        if "src" in record and "alt" in record:
+            return "zsre"
+        if "requested_rewrite" in record or "rephrase_prompt" in record or "locality_ground_truth" in record:
+            return "counterfact"
+        if "target_new" in record or ("text" in record and "labels" in record):
+            return "knowedit"
+        if "target" in record:
+            return "requests"
+    return "requests"
+
+
+def load_requests(
+    path: str | Path,
+    dataset: str = "auto",
+    skip_invalid: bool = False,
+    require: tuple[str, ...] = (),
+    limit: int | None = None,
+) -> tuple[list[EditRequest], LoadReport]:
+    """Read and validate a data file into :class:`EditRequest` objects.
+
+    Args:
+        path: ``.json``/``.jsonl`` file, optionally ``.gz``.
+        dataset: one of ``zsre``, ``counterfact``, ``knowedit``, ``requests`` or ``auto``.
+        skip_invalid: count invalid records instead of failing on the first one.
+        require: optional fields that must be present for this use (e.g. ``("rephrase", "locality_prompt")``
+            for training).
+        limit: keep only the first ``limit`` records of the file (before validation).
+    """
+    if dataset != "auto" and dataset not in FORMATS:
+        raise RecordError(f"Unknown dataset format '{dataset}': use one of {FORMATS} or 'auto'.")
+    records = read_json_records(path)
+    if not isinstance(records, list):
+        raise RecordError(f"Data file '{path}' holds a JSON {type(records).__name__}; expected a list of records.")
+    if limit is not None:
+        records = records[:limit]
+    fmt = detect_format(records[0] if records else None) if dataset == "auto" else dataset
+    reader = _READERS[fmt]
+    report = LoadReport(str(path), n_records=len(records))
+    requests = []
+    for index, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise _Invalid("(record)", f"must be a JSON object, not {type(record).__name__}")
+            request = reader(record)
+            for name in require:
+                if getattr(request, name) is None:
+                    raise _Invalid(name, f"is needed here but the {fmt} record has none")
+        except _Invalid as err:
+            if not skip_invalid:
+                raise RecordError(f"{path}: record {index}: {err} (format '{fmt}'); fix the record or pass "
+                                  "skip_invalid to skip invalid records.") from None
+            report.invalid[err.reason] += 1
+            continue
+        requests.append(request)
+    if not requests:
+        raise RecordError(f"{path} holds no valid edit request ({report.summary()}).")
+    return requests, report
+
+
+def request_to_dict(request: EditRequest) -> dict:
+    """Plain-dict form (used for reports)."""
+    return asdict(request)
