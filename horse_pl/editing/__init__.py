@@ -1,0 +1,1 @@
+"""The editing pipeline: capture, residuals, spread, closed-form update, functional shifts."""

@@ -1,0 +1,78 @@
+"""Capture keys (module inputs) and value gradients (d loss / d module output) of every edit module.
+
+One forward and one backward per micro-batch serve all edit modules. The LM's weights need no
+gradient: each edit module's output is made a leaf that requires grad, so the backward pass stops
+at the lowest edit module instead of running through the whole network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from horse_pl.data.tokenize import IGNORE_INDEX
+from horse_pl.editing.lm import answer_ce
+
+
+@dataclass
+class Capture:
+    """Per edit module, ``keys`` (N x d_in) and ``value_grads`` (N x d_out); rows line up across modules."""
+
+    keys: list[torch.Tensor]
+    value_grads: list[torch.Tensor]
+    loss: float
+
+    @property
+    def n_rows(self) -> int:
+        return self.keys[0].shape[0]
+
+
+@contextmanager
+def _recording(modules: Sequence[nn.Module], mask: torch.Tensor, dtype: torch.dtype, keys: list, grads: list):
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module, inputs, output):
+            keys[i].append(inputs[0][mask].detach().to(dtype))
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            output.register_hook(lambda g: grads[i].append(g[mask].detach().to(dtype)))
+            return output
+        return hook
+
+    try:
+        handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    positions: str = "answer",
+    dtype: torch.dtype = torch.float32,
+) -> Capture:
+    """Forward + backward the model on ``micro_batches`` (loss: mean CE over answer tokens) and record
+    keys and value gradients at the answer positions (``positions="answer"``, MALMEN/HORSE) or at every
+    non-padding position (``"all"``, MEND)."""
+    if positions not in ("answer", "all"):
+        raise ValueError(f"capture positions must be 'answer' or 'all', not '{positions}'.")
+    keys: list[list[torch.Tensor]] = [[] for _ in modules]
+    grads: list[list[torch.Tensor]] = [[] for _ in modules]
+    total = 0.0
+    for mb in micro_batches:
+        mask = (mb["labels"] != IGNORE_INDEX) if positions == "answer" else mb["attention_mask"].bool()
+        with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
+            loss = answer_ce(model, mb)
+            loss.backward()
+        total += float(loss)
+    # Backward hooks fire from the last layer down; value_grads were appended per micro-batch all the same.
+    return Capture(keys=[torch.cat(k) for k in keys], value_grads=[torch.cat(g) for g in grads],
+                   loss=total / max(1, len(micro_batches)))

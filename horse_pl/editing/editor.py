@@ -1,0 +1,167 @@
+"""The editing pipeline as one object shared by training, validation and edit.py.
+
+``capture -> predict (hypernetwork, row chunks) -> spread -> param_shifts`` produces the shifts;
+``backward`` turns ``G_W = dL/d(dW)`` into hypernetwork gradients: first ``dL/dR~`` from the update
+stage, then through the spread by autograd on the (small) residual tensors, then through the
+hypernetwork in row chunks so memory stays bounded for thousands of edits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from horse_pl.editing.capture import Capture, capture
+from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread, _identity, layer_cosines
+from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
+from horse_pl.hypernet import HyperNetwork
+
+
+@dataclass
+class EditState:
+    """Everything one edit batch produces, kept for the hypernetwork's backward pass."""
+
+    update_keys: list[torch.Tensor]
+    residuals: list[torch.Tensor]  # before the spread
+    spread_residuals: list[torch.Tensor]
+    param_shifts: list[torch.Tensor]  # fp32, (d_in, d_out)
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+class Editor(nn.Module):
+    """Hypernetwork + pluggable spread and update stages.
+
+    Args:
+        shapes: (d_in, d_out) of each edit module, in depth order.
+        rank, n_blocks, lr: hypernetwork sizes and the initial per-layer editing learning rate.
+        spread: the residual spread stage (default HORSE Gram-Schmidt).
+        update: how residuals become parameter shifts (default the closed-form ridge solve).
+        positions: capture keys at ``answer`` tokens (MALMEN/HORSE) or ``all`` tokens (MEND).
+        learn_lambda: learn the per-layer ridge coefficient (MALMEN) or keep ``lambda = 0`` (HORSE).
+        chunk_size: hypernetwork rows per chunk.
+        cache_dtype: dtype of captured keys and value gradients.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        rank: int = 1920,
+        n_blocks: int = 2,
+        lr: float = 1e-6,
+        spread: Spread | None = None,
+        update: ParamShiftUpdate | None = None,
+        positions: str = "answer",
+        learn_lambda: bool = False,
+        chunk_size: int = 1024,
+        cache_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.hypernet = HyperNetwork(shapes, rank, n_blocks, lr)
+        self.spread = spread if spread is not None else GramSchmidtSpread()
+        self.update = update if update is not None else ClosedFormUpdate()
+        self.positions, self.chunk_size, self.cache_dtype = positions, chunk_size, cache_dtype
+        self.learn_lambda = learn_lambda and self.update.uses_lambda
+        for net in self.hypernet.nets.values():
+            net.lamda.weight.requires_grad_(self.learn_lambda)
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.hypernet.shapes)
+
+    def capture(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches) -> Capture:
+        """Keys and value gradients of every edit module on the edit prompts."""
+        return capture(model, modules, micro_batches, self.positions, self.cache_dtype)
+
+    @torch.no_grad()
+    def update_normalizer(self, cap: Capture, all_reduce: AllReduce | None = None) -> None:
+        """Fold this batch's ``[k || g]`` rows into each shape's normaliser (training only)."""
+        for key, net in self.hypernet.nets.items():
+            stats = None
+            for position, (slot_key, _) in enumerate(self.hypernet.slots):
+                if slot_key == key:
+                    rows = torch.cat((cap.keys[position], cap.value_grads[position]), -1)
+                    moments = net.normalizer.moments(rows)
+                    stats = moments if stats is None else net.normalizer.combine(stats, moments)
+            if all_reduce is not None:
+                stats = merge_moments(stats, all_reduce)
+            net.normalizer.merge(*stats)
+
+    def _residual_rows(self, cap: Capture, position: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.hypernet.nets[self.hypernet.slots[position][0]].blocks[0].A.dtype
+        keys = cap.keys[position][rows].to(dtype)
+        grads = cap.value_grads[position][rows].to(dtype)
+        pseudo_keys, pseudo_grads = self.hypernet(keys, grads, position)
+        return self.update.residuals(keys, pseudo_keys, pseudo_grads, self.hypernet.lr(position))
+
+    def predict(self, cap: Capture) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Update keys and residuals of every edit module, computed in row chunks without a graph."""
+        update_keys, residuals = [], []
+        with torch.no_grad():
+            for position in range(self.n_modules):
+                parts = [self._residual_rows(cap, position, slice(s, s + self.chunk_size))
+                         for s in range(0, cap.n_rows, self.chunk_size)]
+                update_keys.append(torch.cat([p[0] for p in parts]))
+                residuals.append(torch.cat([p[1] for p in parts]))
+        return update_keys, residuals
+
+    def param_shifts(self, cap: Capture, all_reduce: AllReduce = _identity, requires_grad: bool = False) -> EditState:
+        """Predict, spread and solve: the parameter shifts for this edit batch."""
+        update_keys, residuals = self.predict(cap)
+        spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
+        shifts = []
+        for position in range(self.n_modules):
+            shift = self.update.param_shift(update_keys[position], spread_residuals[position],
+                                            self.hypernet.log_lambda(position), all_reduce)
+            shifts.append(shift.detach().requires_grad_(requires_grad))
+        diagnostics = {}
+        before, after = layer_cosines(residuals, all_reduce), layer_cosines(spread_residuals, all_reduce)
+        for l, (b, a) in enumerate(zip(before, after)):
+            diagnostics[f"cos_{l}_{l + 1}/before"] = b
+            diagnostics[f"cos_{l}_{l + 1}/after"] = a
+        for l, r in enumerate(spread_residuals):
+            diagnostics[f"residual_norm/{l}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
+        return EditState(update_keys, residuals, spread_residuals, shifts, diagnostics)
+
+    def backward(self, cap: Capture, state: EditState, shift_grads: Sequence[torch.Tensor],
+                 all_reduce: AllReduce = _identity) -> None:
+        """Accumulate hypernetwork gradients of the meta-loss, given ``G_W`` for each shift."""
+        d_spread, d_keys = [], []
+        for position in range(self.n_modules):
+            grads = self.update.shift_grads(state.update_keys[position], state.spread_residuals[position],
+                                            self.hypernet.log_lambda(position), state.param_shifts[position].detach(),
+                                            shift_grads[position], all_reduce)
+            d_spread.append(grads.residuals)
+            d_keys.append(grads.update_keys)
+            if self.learn_lambda and grads.log_lambda is not None:
+                net, idx = self.hypernet.net(position)
+                if net.lamda.weight.grad is None:
+                    net.lamda.weight.grad = torch.zeros_like(net.lamda.weight)
+                net.lamda.weight.grad[idx, 0] += grads.log_lambda
+        # Through the spread: autograd on the full residual tensors (N x d_out per layer, small).
+        leaves = [r.detach().requires_grad_(True) for r in state.residuals]
+        with torch.enable_grad():
+            spread = self.spread(leaves, cap.value_grads, all_reduce)
+            d_residuals = torch.autograd.grad(spread, leaves, grad_outputs=d_spread, allow_unused=True)
+        # Through the hypernetwork, chunk by chunk.
+        for position in range(self.n_modules):
+            d_res = d_residuals[position] if d_residuals[position] is not None else torch.zeros_like(leaves[position])
+            for start in range(0, cap.n_rows, self.chunk_size):
+                rows = slice(start, start + self.chunk_size)
+                with torch.enable_grad():
+                    update_keys, residuals = self._residual_rows(cap, position, rows)
+                    surrogate = (d_res[rows] * residuals).sum()
+                    if d_keys[position] is not None:
+                        surrogate = surrogate + (d_keys[position][rows] * update_keys).sum()
+                surrogate.backward()
+
+
+def merge_moments(stats, all_reduce: AllReduce):
+    """Merge (count, mean, M2) across processes with sums: the parallel mean/variance rule."""
+    count, mean, m2 = stats
+    total = all_reduce(count.clone())
+    global_mean = all_reduce(mean * count) / total
+    global_m2 = all_reduce(m2 + count * (mean - global_mean) ** 2)
+    return total, global_mean, global_m2

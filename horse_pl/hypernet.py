@@ -1,0 +1,163 @@
+"""The editor hypernetwork (MALMEN/HORSE): normaliser, low-rank residual blocks, per-layer ``lr`` and ``lambda``.
+
+One :class:`EditorNet` serves every edit module of the same weight shape; a module is told apart by
+its index into the per-layer scale/shift embeddings and the per-layer ``lr``/``lambda`` scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of ``[k || g]`` rows, mergeable across processes.
+
+    Statistics are kept as (count, mean, M2) in float64 and combined with the parallel
+    mean/variance rule (Chan et al.), so merging the statistics of several shards gives exactly the
+    statistics of their union.
+    """
+
+    def __init__(self, size: int, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(size, dtype=torch.float64))
+
+    @staticmethod
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(count, mean, M2) of the rows of ``x``."""
+        x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+        mean = x.mean(0)
+        return torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), mean, ((x - mean) ** 2).sum(0)
+
+    @staticmethod
+    def combine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Merge two (count, mean, M2) triples into the triple of the union."""
+        (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
+        n = n_a + n_b
+        if n == 0:
+            return n, mean_a, m2_a
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (n_b / n)
+        m2 = m2_a + m2_b + delta**2 * (n_a * n_b / n)
+        return n, mean, m2
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch of rows into the statistics."""
+        self.merge(*self.moments(x))
+
+    @torch.no_grad()
+    def merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Fold another (count, mean, M2) triple into the statistics."""
+        n, new_mean, new_m2 = self.combine((self.count, self.mean, self.m2), (count, mean, m2))
+        self.count.copy_(n)
+        self.mean.copy_(new_mean)
+        self.m2.copy_(new_m2)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / self.count.clamp_min(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count == 0:
+            return x
+        std = self.var.sqrt().to(x.dtype)
+        return (x - self.mean.to(x.dtype)) / (std + self.eps)
+
+
+class LowRankBlock(nn.Module):
+    """``h <- h + s[l] * relu(h A B + c) + t[l]``; ``B = 0`` at init, so the block starts as the identity."""
+
+    def __init__(self, size: int, rank: int, n_modules: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(size, rank))
+        self.B = nn.Parameter(torch.zeros(rank, size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.scale = nn.Embedding(n_modules, size)
+        self.shift = nn.Embedding(n_modules, size)
+        nn.init.ones_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, h: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(h @ self.A @ self.B + self.bias)
+        return h + self.scale(module_idx) * x + self.shift(module_idx)
+
+
+class EditorNet(nn.Module):
+    """Maps normalised ``[k || g]`` rows to pseudo keys and pseudo value gradients ``(k~, g~)``.
+
+    Args:
+        key_size: ``d_in`` of the edited weights.
+        value_size: ``d_out`` of the edited weights.
+        rank: rank of each block's low-rank map.
+        n_blocks: number of residual blocks.
+        n_modules: edit modules sharing this network (one embedding row each).
+        lr: initial per-module editing learning rate.
+    """
+
+    def __init__(self, key_size: int, value_size: int, rank: int, n_blocks: int, n_modules: int, lr: float):
+        super().__init__()
+        self.key_size, self.value_size = key_size, value_size
+        self.normalizer = RunningMeanStd(key_size + value_size)
+        self.blocks = nn.ModuleList(LowRankBlock(key_size + value_size, rank, n_modules) for _ in range(n_blocks))
+        self.lr = nn.Embedding(n_modules, 1)
+        self.lamda = nn.Embedding(n_modules, 1)  # log of the ridge coefficient (``lambda`` is a Python keyword)
+        nn.init.constant_(self.lr.weight, lr)
+        nn.init.zeros_(self.lamda.weight)
+
+    def forward(
+        self, keys: torch.Tensor, value_grads: torch.Tensor, module_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.full(keys.shape[:-1], module_idx, dtype=torch.long, device=keys.device)
+        h = self.normalizer(torch.cat((keys, value_grads), -1))
+        for block in self.blocks:
+            h = block(h, idx)
+        return h.split([self.key_size, self.value_size], -1)
+
+
+def shape_key(shape: tuple[int, int]) -> str:
+    """ModuleDict key of the network serving weights of this (d_in, d_out) shape."""
+    return f"{shape[0]}x{shape[1]}"
+
+
+class HyperNetwork(nn.Module):
+    """One :class:`EditorNet` per weight shape, addressed by edit-module position.
+
+    Args:
+        shapes: (d_in, d_out) of each edit module, in edit-module order.
+        rank, n_blocks, lr: see :class:`EditorNet`.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], rank: int, n_blocks: int, lr: float):
+        super().__init__()
+        self.shapes = [tuple(s) for s in shapes]
+        groups: dict[str, list[int]] = {}
+        for position, shape in enumerate(self.shapes):
+            groups.setdefault(shape_key(shape), []).append(position)
+        self.nets = nn.ModuleDict({
+            key: EditorNet(self.shapes[members[0]][0], self.shapes[members[0]][1], rank, n_blocks, len(members), lr)
+            for key, members in groups.items()
+        })
+        # position -> (network key, index inside that network)
+        self.slots = [(shape_key(s), groups[shape_key(s)].index(p)) for p, s in enumerate(self.shapes)]
+
+    def net(self, position: int) -> tuple[EditorNet, int]:
+        key, idx = self.slots[position]
+        return self.nets[key], idx
+
+    def lr(self, position: int) -> torch.Tensor:
+        net, idx = self.net(position)
+        return net.lr.weight[idx, 0]
+
+    def log_lambda(self, position: int) -> torch.Tensor:
+        net, idx = self.net(position)
+        return net.lamda.weight[idx, 0]
+
+    def forward(self, keys: torch.Tensor, value_grads: torch.Tensor, position: int):
+        net, idx = self.net(position)
+        return net(keys, value_grads, idx)

@@ -1,0 +1,210 @@
+"""The method's math on random tensors: spread, solve, surrogate gradient, normaliser, shifts."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from horse_pl.editing.capture import Capture
+from horse_pl.editing.editor import Editor, merge_moments
+from horse_pl.editing.shifts import applied, merge
+from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread
+from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate
+from horse_pl.hypernet import RunningMeanStd
+
+
+def _residuals(n_layers=4, n=12, d=6, scale=1e-6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # correlated layers, tiny magnitudes as with lr ~ 1e-6
+    return [scale * (base + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)) for _ in range(n_layers)]
+
+
+def test_gram_schmidt_makes_consecutive_layers_orthogonal():
+    residuals = _residuals()
+    spread = GramSchmidtSpread()(residuals, [torch.zeros_like(r) for r in residuals])
+    assert torch.equal(spread[0], residuals[0])
+    for prev, cur in zip(spread[:-1], spread[1:]):
+        cos = (prev * cur).sum() / (prev.norm() * cur.norm())
+        assert abs(cos) < 1e-12
+    # before the spread the layers were strongly correlated
+    assert (residuals[0] * residuals[1]).sum() / (residuals[0].norm() * residuals[1].norm()) > 0.5
+
+
+def test_gram_schmidt_orthogonal_in_float32():
+    residuals = [r.float() for r in _residuals(seed=3)]
+    spread = GramSchmidtSpread()(residuals, residuals)
+    for prev, cur in zip(spread[:-1], spread[1:]):
+        assert abs(float((prev * cur).sum() / (prev.norm() * cur.norm()))) < 1e-5
+
+
+def test_reference_spread_matches_hand_computation():
+    residuals = _residuals(n_layers=3)
+    grads = [torch.randn_like(r) for r in residuals]
+    out = ReferenceSpread()(residuals, grads)
+    r0, r1, r2 = (r.numpy() for r in residuals)
+    g0, g1 = grads[0].numpy(), grads[1].numpy()
+    expect1 = r1 - (r1 * r0).sum() / (r0 * r0).sum() * g0
+    expect2 = r2 - (r2 * r1).sum() / (r1 * r1).sum() * g1
+    np.testing.assert_allclose(out[1].numpy(), expect1, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(out[2].numpy(), expect2, rtol=1e-12, atol=0)
+    assert torch.equal(out[0], residuals[0])
+
+
+def test_no_spread_is_identity():
+    residuals = _residuals()
+    assert all(torch.equal(a, b) for a, b in zip(NoSpread()(residuals, residuals), residuals))
+
+
+def test_closed_form_solve_matches_least_squares_reference():
+    g = torch.Generator().manual_seed(1)
+    keys, residuals = torch.randn(40, 8, generator=g), torch.randn(40, 5, generator=g)
+    log_lambda = torch.tensor(0.3)
+    shift = ClosedFormUpdate().param_shift(keys, residuals, log_lambda)
+    # ridge regression as an augmented least-squares problem, in float64 numpy
+    lam = np.exp(0.3)
+    k, r = keys.double().numpy(), residuals.double().numpy()
+    aug_k = np.vstack([k, np.sqrt(lam) * np.eye(8)])
+    aug_r = np.vstack([r, np.zeros((8, 5))])
+    expect = np.linalg.lstsq(aug_k, aug_r, rcond=None)[0]
+    np.testing.assert_allclose(shift.numpy(), expect, rtol=1e-4, atol=1e-5)
+
+
+def _toy_editor(spread, update, learn_lambda, chunk_size, shapes=((6, 4),) * 3):
+    torch.manual_seed(0)
+    editor = Editor(shapes, rank=5, n_blocks=2, lr=0.1, spread=spread, update=update,
+                    learn_lambda=learn_lambda, chunk_size=chunk_size).double()
+    for p in editor.parameters():  # move away from the identity init so every path carries gradient
+        p.data.add_(0.1 * torch.randn_like(p))
+    return editor
+
+
+@pytest.mark.parametrize("spread_cls", [GramSchmidtSpread, ReferenceSpread, NoSpread])
+@pytest.mark.parametrize("update_cls,learn_lambda", [(ClosedFormUpdate, True), (ClosedFormUpdate, False),
+                                                    (OuterProductUpdate, False)])
+def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, learn_lambda):
+    n = 11
+    g = torch.Generator().manual_seed(2)
+    cap = Capture(keys=[torch.randn(n, 6, generator=g, dtype=torch.float64) for _ in range(3)],
+                  value_grads=[torch.randn(n, 4, generator=g, dtype=torch.float64) for _ in range(3)], loss=0.0)
+    targets = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def meta_loss(shifts):  # any smooth function of the shifts
+        return sum(((s - t) ** 2).sum() + s.sum() ** 3 for s, t in zip(shifts, targets))
+
+    # (a) autograd through predict -> spread -> solve
+    ref = _toy_editor(spread_cls(), update_cls(), learn_lambda, chunk_size=10_000)
+    editor_out = []
+    for position in range(3):
+        keys, residuals = ref._residual_rows(cap, position, slice(None))
+        editor_out.append((keys, residuals))
+    spread = ref.spread([r for _, r in editor_out], cap.value_grads)
+    shifts = []
+    for position in range(3):
+        keys = editor_out[position][0]
+        if update_cls is ClosedFormUpdate:
+            lam = ref.hypernet.log_lambda(position)
+            s = keys.T @ keys + torch.exp(lam) * torch.eye(6, dtype=torch.float64)
+            shifts.append(torch.linalg.solve(s, keys.T @ spread[position]))
+        else:
+            shifts.append(keys.T @ spread[position])
+    meta_loss(shifts).backward()
+    expected = {name: p.grad.clone() for name, p in ref.named_parameters() if p.grad is not None}
+
+    # (b) our path: shifts without graph, G_W from the loss, chunked backward
+    ours = _toy_editor(spread_cls(), update_cls(), learn_lambda, chunk_size=4)
+    state = ours.param_shifts(cap, requires_grad=True)
+    state.param_shifts = [s.double().detach().requires_grad_(True) for s in state.param_shifts]
+    meta_loss(state.param_shifts).backward()
+    ours.backward(cap, state, [s.grad for s in state.param_shifts])
+    got = {name: p.grad for name, p in ours.named_parameters() if p.grad is not None}
+
+    assert set(got) == set(expected)
+    if learn_lambda:
+        assert any("lamda" in name for name in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_apply_then_revert_leaves_weights_bit_identical():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 5)
+    before = layer.weight.detach().clone()
+    shift = torch.randn(8, 5) * 1e-3
+    x = torch.randn(3, 8)
+    with applied([layer], [shift]):
+        edited = layer(x)
+    torch.testing.assert_close(edited, x @ (before.T + shift) + layer.bias, rtol=1e-6, atol=1e-6)
+    assert torch.equal(layer.weight, before)
+    assert torch.equal(layer(x), x @ before.T + layer.bias)
+
+
+def test_merge_matches_functional_application_linear_and_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    for layer in (nn.Linear(8, 5), Conv1D(5, 8)):
+        shift, x = torch.randn(8, 5) * 1e-2, torch.randn(3, 8)
+        with applied([layer], [shift]):
+            functional = layer(x)
+        merge([layer], [shift])
+        torch.testing.assert_close(layer(x), functional, rtol=1e-5, atol=1e-6)
+
+
+def test_normalizer_matches_numpy_including_merge():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(3.0, 2.0, size=(n, 7)) for n in (5, 17, 1, 40)]
+    norm = RunningMeanStd(7)
+    for c in chunks:
+        norm.update(torch.tensor(c))
+    every = np.concatenate(chunks)
+    np.testing.assert_allclose(norm.mean.numpy(), every.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(norm.var.numpy(), every.var(0), rtol=1e-10)
+    x = torch.tensor(every[:3])
+    np.testing.assert_allclose(norm(x).numpy(), (every[:3] - every.mean(0)) / (every.std(0) + 1e-8), rtol=1e-9)
+    # two shards merged == one pass over their union
+    a, b = RunningMeanStd(7), RunningMeanStd(7)
+    a.update(torch.tensor(np.concatenate(chunks[:2])))
+    b.update(torch.tensor(np.concatenate(chunks[2:])))
+    a.merge(b.count, b.mean, b.m2)
+    np.testing.assert_allclose(a.var.numpy(), every.var(0), rtol=1e-10)
+    # the all-reduce form of the merge, run by two "processes" (threads) summing through a barrier
+    shards = [np.concatenate(chunks[:3]), chunks[3]]
+    results = _run_with_fake_all_reduce(
+        [lambda reduce, s=s: merge_moments(RunningMeanStd.moments(torch.tensor(s)), reduce) for s in shards])
+    for count, mean, m2 in results:
+        assert float(count) == len(every)
+        np.testing.assert_allclose(mean.numpy(), every.mean(0), rtol=1e-12)
+        np.testing.assert_allclose((m2 / count).numpy(), every.var(0), rtol=1e-10)
+
+
+def _run_with_fake_all_reduce(workers):
+    """Run each worker in a thread with an ``all_reduce`` that sums the tensors all workers pass."""
+    import threading
+
+    barrier, lock = threading.Barrier(len(workers)), threading.Lock()
+    slots: dict[int, list] = {}
+    results = [None] * len(workers)
+
+    def make_reduce():
+        calls = [0]
+
+        def reduce(t):
+            with lock:
+                slots.setdefault(calls[0], []).append(t.clone())
+            barrier.wait()
+            total = sum(slots[calls[0]])
+            barrier.wait()
+            calls[0] += 1
+            return total
+        return reduce
+
+    def run(i):
+        results[i] = workers[i](make_reduce())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
