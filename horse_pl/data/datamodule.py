@@ -74,6 +74,8 @@ class EditCollator:
         for view in self.views:
             present = [(pos, Tokenized(r[f"{view}_input_ids"], r[f"{view}_labels"]))
                        for pos, r in enumerate(rows) if r[f"{view}_input_ids"]]
+            # Sequences of similar length share a micro-batch, so little compute is spent on padding.
+            present.sort(key=lambda item: len(item[1].input_ids))
             batch[f"{view}_rows"] = torch.tensor([pos for pos, _ in present], dtype=torch.long)
             examples = [t for _, t in present]
             batch[view] = [collate(examples[i:i + self.batch_size], self.pad_token_id)

@@ -61,7 +61,7 @@ def tokenize_pairs(
         if straddles:
             raise TokenizationError(f"{where} {i}: the tokenizer merges the end of the prompt {prompt[-20:]!r} with the "
                                     f"answer {answer!r} into one token; end the prompt with punctuation or a space.")
-        if not answer_pos:
+        if not answer_pos or not answer.strip():
             raise TokenizationError(f"{where} {i}: the answer {answer!r} tokenises to nothing; give a non-empty answer.")
         if len(ids) > max_length:
             raise TokenizationError(f"{where} {i}: prompt + answer is {len(ids)} tokens, over max_length={max_length}; "

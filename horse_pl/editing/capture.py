@@ -72,7 +72,7 @@ def capture(
         with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
             loss = answer_ce(model, mb)
             loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     # Backward hooks fire from the last layer down; value_grads were appended per micro-batch all the same.
     return Capture(keys=[torch.cat(k) for k in keys], value_grads=[torch.cat(g) for g in grads],
                    loss=total / max(1, len(micro_batches)))

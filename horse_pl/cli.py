@@ -1,0 +1,35 @@
+"""``train.py``: LightningCLI with ``fit``, ``validate`` and ``test`` over :class:`EditorModule` and
+:class:`EditDataModule`; bad input ends with one readable sentence instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from horse_pl.data.datamodule import EditDataModule
+from horse_pl.data.records import RecordError
+from horse_pl.data.tokenize import TokenizationError
+from horse_pl.module import EditorModule, FingerprintMismatch
+
+USER_ERRORS = (RecordError, TokenizationError, FingerprintMismatch, ModuleNotFoundError, FileNotFoundError)
+
+
+class HorseCLI(LightningCLI):
+    """LightningCLI whose data module reads the LM's tokenizer from ``model.model``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.model")
+
+
+def cli(args=None, run: bool = True) -> HorseCLI:
+    """Build (and by default run) the CLI; ``args`` as a list or dict for tests."""
+    return HorseCLI(EditorModule, EditDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+
+
+def main(args=None) -> None:
+    try:
+        cli(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

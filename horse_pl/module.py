@@ -1,0 +1,240 @@
+"""The LightningModule: meta-train the editor hypernetwork around a frozen language model.
+
+One training step = one edit batch: capture, predict, spread, solve, apply, losses, revert, update.
+Validation edits each eval batch with the current editor and scores it beside the unedited model.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from horse_pl.data.datamodule import EVAL_VIEWS
+from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
+from horse_pl.editing.editor import EditState, Editor
+from horse_pl.editing.lm import answer_ce, answer_logits
+from horse_pl.editing.shifts import applied
+from horse_pl.editing.spread import GramSchmidtSpread, Spread
+from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
+from horse_pl.metrics import compute_scores, make_metrics, score_batch, score_view, update_metrics
+from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
+
+
+class FingerprintMismatch(RuntimeError):
+    """A checkpoint or editor was trained on a different base model."""
+
+
+class EditorModule(L.LightningModule):
+    """Frozen LM + trainable editor (HORSE by default; MALMEN and MEND through the stages and losses).
+
+    Args:
+        model: Hugging Face id or folder, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
+        model_dtype: dtype of the frozen LM (``float32``, ``bfloat16``).
+        edit_modules: ``"last:6"``, ``"layers:24-29"`` or a list of module names.
+        rank: rank of the hypernetwork's low-rank blocks.
+        n_blocks: number of hypernetwork blocks.
+        lr: initial per-layer editing learning rate.
+        meta_lr: Adam learning rate of the hypernetwork.
+        spread: residual spread stage (default HORSE ``GramSchmidtSpread``; ``ReferenceSpread``, MALMEN ``NoSpread``).
+        update: how residuals become shifts (default ``ClosedFormUpdate``; MEND ``OuterProductUpdate``).
+        positions: capture at ``answer`` tokens (HORSE/MALMEN) or ``all`` tokens (MEND).
+        learn_lambda: learn the ridge coefficient (MALMEN) or keep ``lambda = 0`` (HORSE).
+        locality: ``ce`` (HORSE: cross-entropy of the unrelated answer) or ``kl`` (MALMEN/MEND: KL to the
+            unedited model on the unrelated answer positions).
+        loc_coef: weight of the locality loss.
+        max_grad_norm: gradient clipping of the hypernetwork.
+        chunk_size: hypernetwork rows per chunk.
+        cache_dtype: dtype of captured keys and value gradients (``float32`` or ``bfloat16``).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        model_dtype: str = "float32",
+        edit_modules: str | list[str] = "last:6",
+        rank: int = 1920,
+        n_blocks: int = 2,
+        lr: float = 1e-6,
+        meta_lr: float = 1e-5,
+        spread: Spread | None = None,
+        update: ParamShiftUpdate | None = None,
+        positions: Literal["answer", "all"] = "answer",
+        learn_lambda: bool = False,
+        locality: Literal["ce", "kl"] = "ce",
+        loc_coef: float = 1.0,
+        max_grad_norm: float = 1.0,
+        chunk_size: int = 1024,
+        cache_dtype: str = "float32",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the editor, not the frozen LM's weights
+        # Safe defaults: the HORSE spread and the closed-form solve unless the recipe names others.
+        self.spread_stage = spread if spread is not None else GramSchmidtSpread()
+        self.update_stage = update if update is not None else ClosedFormUpdate()
+        self.lm = None
+        self.editor: Editor | None = None
+        self.val_metrics, self.pre_metrics = make_metrics(), make_metrics()
+        self.test_metrics = make_metrics()
+        self._baseline_done = False
+
+    # ----------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        """Load the frozen LM and build the editor for its edit modules (once)."""
+        if self.editor is not None:
+            return
+        hp = self.hparams
+        lm, _ = load_model(hp.model, dtype=hp.model_dtype)
+        self.module_names = sorted(resolve_edit_modules(lm, hp.edit_modules), key=layer_index)
+        shapes = [weight_shape(m) for m in get_modules(lm, self.module_names)]
+        self.editor = Editor(shapes, hp.rank, hp.n_blocks, hp.lr, self.spread_stage, self.update_stage,
+                             hp.positions, hp.learn_lambda, hp.chunk_size, parse_dtype(hp.cache_dtype))
+        self.lm = lm  # registered last: a frozen submodule, dropped from checkpoints below
+        self.fingerprint = model_fingerprint(lm)
+
+    @property
+    def edit_modules(self):
+        return get_modules(self.lm, self.module_names)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=self.hparams.meta_lr)
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return type(state)((k, v) for k, v in state.items() if not k.startswith(f"{prefix}lm."))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["horse_pl"] = {"base_model": self.hparams.model, "fingerprint": self.fingerprint,
+                                  "edit_modules": self.module_names}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        saved = checkpoint.get("horse_pl", {})
+        if saved and saved.get("fingerprint") != self.fingerprint:
+            raise FingerprintMismatch(
+                f"This checkpoint was trained on base model '{saved.get('base_model')}' (fingerprint "
+                f"{saved.get('fingerprint')}), but the loaded model '{self.hparams.model}' has fingerprint "
+                f"{self.fingerprint}; resume with the same --model.model."
+            )
+
+    # ---------------------------------------------------------------- editing
+    @contextmanager
+    def _timed(self, times: dict, name: str):
+        start = time.perf_counter()
+        yield
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+    def compute_shifts(self, micro_batches, training: bool = False, times: dict | None = None) -> tuple:
+        """Capture, (normaliser update when training), predict, spread, solve: this batch's parameter shifts."""
+        times = {} if times is None else times
+        with self._timed(times, "capture"):
+            cap = self.editor.capture(self.lm, self.edit_modules, micro_batches)
+        with self._timed(times, "predict"):
+            if training:
+                self.editor.update_normalizer(cap)
+            state = self.editor.param_shifts(cap, requires_grad=training)
+        return cap, state
+
+    def meta_losses(self, batch: dict, state: EditState) -> dict[str, float]:
+        """Generalisation and locality losses with the shifts applied; backward into the shifts' ``.grad``."""
+        hp = self.hparams
+        base_logits = []
+        if hp.locality == "kl":
+            with torch.no_grad():
+                base_logits = [answer_logits(self.lm, mb)[0] for mb in batch["locality"]]
+        gen_total, loc_total = 0.0, 0.0
+        with applied(self.edit_modules, state.param_shifts):
+            for mb in batch["rephrase"]:
+                loss = answer_ce(self.lm, mb)
+                self.manual_backward(loss)
+                gen_total += float(loss)
+            for i, mb in enumerate(batch["locality"]):
+                if hp.locality == "ce":
+                    loss = answer_ce(self.lm, mb)
+                else:
+                    logits = answer_logits(self.lm, mb)[0]
+                    base = torch.log_softmax(base_logits[i], -1)
+                    loss = F.kl_div(torch.log_softmax(logits, -1), base, log_target=True, reduction="batchmean")
+                self.manual_backward(hp.loc_coef * loss)
+                loc_total += float(loss)
+        return {"gen_loss": gen_total, "loc_loss": loc_total}
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        times: dict[str, float] = {}
+        optimizer = self.optimizers()
+        cap, state = self.compute_shifts(batch["edit"], training=True, times=times)
+        with self._timed(times, "losses"):
+            losses = self.meta_losses(batch, state)
+        with self._timed(times, "update"):
+            self.editor.backward(cap, state, [s.grad for s in state.param_shifts])
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self._log_step(batch, cap.loss, losses, state, times)
+
+    def _log_step(self, batch, edit_loss, losses, state, times) -> None:
+        n = batch["n_edits"]
+        self.log("train/gen_loss", losses["gen_loss"], prog_bar=True, batch_size=n)
+        self.log("train/loc_loss", losses["loc_loss"], prog_bar=True, batch_size=n)
+        self.log("train/edit_loss_before", edit_loss, batch_size=n)
+        self.log("edits", float((self.global_step) * n), prog_bar=True, batch_size=n)
+        for position in range(self.editor.n_modules):
+            layer = layer_index(self.module_names[position])
+            self.log(f"train/lr/layer{layer}", self.editor.hypernet.lr(position).detach(), batch_size=n)
+            self.log(f"train/lambda/layer{layer}", self.editor.hypernet.log_lambda(position).detach(), batch_size=n)
+        for name, value in state.diagnostics.items():
+            self.log(f"spread/{name}", value, batch_size=n)
+        for name, value in times.items():
+            self.log(f"time/{name}", value, batch_size=n)
+        self.log("time/step", sum(times.values()), batch_size=n)
+
+    # ------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict, metrics) -> None:
+        _, state = self.compute_shifts(batch["edit"])
+        if not self._baseline_done:  # the unedited model's scores, computed once
+            before = score_batch(self.lm, batch, EVAL_VIEWS)
+            update_metrics(self.pre_metrics, compute_scores(before, before["locality"]))
+            loc_before = before["locality"]
+        else:
+            loc_before = score_view(self.lm, batch["locality"], batch["locality_rows"])
+        with applied(self.edit_modules, state.param_shifts):
+            after = score_batch(self.lm, batch, EVAL_VIEWS)
+        update_metrics(metrics, compute_scores(after, loc_before))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def _log_metrics(self, metrics, prefix: str) -> None:
+        for name, metric in metrics.items():
+            if metric.update_count:
+                self.log(f"{prefix}/{name}", metric.compute(), prog_bar=name in ("ES", "GS", "LS"), sync_dist=False)
+            metric.reset()
+
+    def _end_eval(self, metrics, prefix: str) -> None:
+        self._log_metrics(metrics, prefix)
+        if self.trainer.sanity_checking:  # a partial pass: the baseline waits for a full one
+            self.pre_metrics.reset()
+            return
+        if not self._baseline_done:
+            self._baseline = {n: m.compute() for n, m in self.pre_metrics.items() if m.update_count}
+            self._baseline_done = True
+        for name, value in self._baseline.items():
+            self.log(f"{prefix}/unedited_{name}", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval(self.test_metrics, "test")

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny randomly initialised LLaMA / GPT-2 / Gemma 3 models with a tiny byte-level BPE
+tokenizer, saved as folders so they load through the same path as any Hugging Face model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ZSRE_TRAIN = SHARED / "zsre" / "zsre_train_10k.json.gz"
+ZSRE_EVAL = SHARED / "zsre" / "zsre_eval_1k.json.gz"
+CF_TRAIN = SHARED / "counterfact" / "counterfact_train_10k.json.gz"
+CF_EVAL = SHARED / "counterfact" / "counterfact_eval_10k.json.gz"
+CF_ROME = SHARED / "counterfact" / "counterfact_rome_format_sample.json.gz"
+KNOWEDIT = SHARED / "knowedit"
+
+
+def _corpus() -> list[str]:
+    records = json.load(gzip.open(ZSRE_TRAIN))[:400]
+    return [f"{r['src']} {r['alt']} {r['rephrase']} {r['loc']} {r['loc_ans']}" for r in records]
+
+
+def build_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on a few hundred zsRE lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random model of an architecture family (``llama``, ``gpt2``, ``gemma3``) with the BPE tokenizer."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder)
+    vocab = len(tok)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256)
+    elif kind == "gemma3":
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=256, sliding_window=16)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: str(build_tiny_model(kind, root / kind)) for kind in ("llama", "gpt2", "gemma3")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> str:
+    return tiny_models["llama"]
