@@ -54,8 +54,11 @@ def score_view(model: nn.Module, micro_batches: list[dict], rows: torch.Tensor) 
         exact.append((n_right == n_tok).float())
         logprob.append(torch.zeros(n_seq, device=seq.device).index_add_(0, seq, token_lp) / n_tok)
         argmax.append(pred)
-    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0))
-    return SequenceScores(rows, cat(acc), cat(exact), cat(logprob), argmax)
+    return SequenceScores(rows, _cat(acc), _cat(exact), _cat(logprob), argmax)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def agreement(before: SequenceScores, after: SequenceScores) -> torch.Tensor:
@@ -75,7 +78,9 @@ def _aligned(first: SequenceScores, second: SequenceScores) -> tuple[torch.Tenso
     return first.mean_logprob[idx_a], second.mean_logprob[idx_b]
 
 
-def compute_scores(scores: dict[str, SequenceScores], locality_before: SequenceScores | None) -> dict[str, torch.Tensor]:
+def compute_scores(
+    scores: dict[str, SequenceScores], locality_before: SequenceScores | None
+) -> dict[str, torch.Tensor]:
     """Per-sequence values of every score that the available views allow."""
     out: dict[str, torch.Tensor] = {}
     for name, view in (("ES", "edit"), ("GS", "rephrase"), ("LS", "locality"), ("portability", "portability")):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from horse_pl.data.datamodule import EVAL_VIEWS
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
-from horse_pl.editing.editor import EditState, Editor
+from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.lm import answer_ce, answer_logits
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import GramSchmidtSpread, Spread

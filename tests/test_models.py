@@ -10,7 +10,8 @@ from horse_pl.edit_modules import resolve_edit_modules, weight_in_out, weight_sh
 from horse_pl.models import load_model, load_tokenizer, model_fingerprint
 
 
-@pytest.mark.parametrize("kind,suffix", [("llama", "mlp.down_proj"), ("gpt2", "mlp.c_proj"), ("gemma3", "mlp.down_proj")])
+@pytest.mark.parametrize("kind,suffix", [("llama", "mlp.down_proj"), ("gpt2", "mlp.c_proj"),
+                                         ("gemma3", "mlp.down_proj")])
 def test_tiny_models_load_and_resolve_last_layers(tiny_models, kind, suffix):
     model, tok = load_model(tiny_models[kind])
     assert not any(p.requires_grad for p in model.parameters())

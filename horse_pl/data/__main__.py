@@ -20,7 +20,8 @@ def inspect(path: str, dataset: str, model: str, max_length: int, n_examples: in
     """Return the inspection report of a data file as text."""
     requests, report = load_requests(path, dataset, skip_invalid=True)
     tokenizer = load_tokenizer(model)
-    table = tokenize_requests(tokenizer, requests, EVAL_VIEWS, max_length, where=f"{path}: valid record")
+    table = tokenize_requests(tokenizer, requests, EVAL_VIEWS, max_length, where=f"{path}: record",
+                              record_ids=report.kept)
     lines = [f"file: {path}", f"format: {dataset}", f"records: {report.n_records}",
              f"valid: {len(requests)}", f"invalid: {report.n_invalid}"]
     lines += [f"  {n} x {why}" for why, n in report.invalid.most_common()]
@@ -29,10 +30,11 @@ def inspect(path: str, dataset: str, model: str, max_length: int, n_examples: in
         lengths = [len(ids) + 1 for ids in table[f"{view}_input_ids"] if ids]
         answers = [sum(t != IGNORE_INDEX for t in lab) for lab in table[f"{view}_labels"] if lab]
         if lengths:
-            lines.append(f"  {view:<14} n={len(lengths):<6} min={min(lengths):<4} median={statistics.median(lengths):<6}"
-                         f" max={max(lengths):<4} answer tokens: mean={statistics.mean(answers):.2f} max={max(answers)}")
+            lines.append(f"  {view:<14} n={len(lengths):<6} min={min(lengths):<4} "
+                         f"median={statistics.median(lengths):<6} max={max(lengths):<4} "
+                         f"answer tokens: mean={statistics.mean(answers):.2f} max={max(answers)}")
     for i in range(min(n_examples, len(requests))):
-        row = table[i]
+        row = table[i]  # the i-th valid record
         lines.append(f"example {i}:")
         for view in ("edit", "rephrase", "locality"):
             ids, labels = row[f"{view}_input_ids"], row[f"{view}_labels"]

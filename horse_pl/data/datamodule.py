@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import datasets
 import lightning as L
@@ -44,10 +43,11 @@ VIEW_FIELDS = {
 
 
 def tokenize_requests(
-    tokenizer, requests: Sequence[EditRequest], views: Sequence[str], max_length: int, where: str = "record"
+    tokenizer, requests: Sequence[EditRequest], views: Sequence[str], max_length: int, where: str = "record",
+    record_ids: Sequence[int] | None = None,
 ) -> datasets.Dataset:
     """Tokenise every view of every request into a ``datasets.Dataset`` (an absent view is an empty list)."""
-    columns: dict[str, list] = {"index": list(range(len(requests)))}
+    columns: dict[str, list] = {"index": list(record_ids) if record_ids is not None else list(range(len(requests)))}
     for view in views:
         prompt_field, answer_field = VIEW_FIELDS[view]
         present = [i for i, r in enumerate(requests)
@@ -55,6 +55,7 @@ def tokenize_requests(
         pairs = tokenize_pairs(
             tokenizer, [getattr(requests[i], prompt_field) for i in present],
             [getattr(requests[i], answer_field) for i in present], max_length, where=f"{where} ({view})",
+            record_ids=[record_ids[i] if record_ids is not None else i for i in present],
         ) if present else []
         ids, labels = [[] for _ in requests], [[] for _ in requests]
         for i, tok in zip(present, pairs):
@@ -91,7 +92,8 @@ class EditBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n_records: int, n_edits: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
-        self.n_records, self.n_edits, self.shuffle, self.seed, self.drop_last = n_records, n_edits, shuffle, seed, drop_last
+        self.n_records, self.n_edits, self.shuffle = n_records, n_edits, shuffle
+        self.seed, self.drop_last = seed, drop_last
         self.epoch, self._skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -188,7 +190,8 @@ class EditDataModule(L.LightningDataModule):
             views = TRAIN_VIEWS if training else EVAL_VIEWS
             self.requests[split] = requests
             self.splits[split] = tokenize_requests(self.tokenizer, requests, views, hp.max_length,
-                                                   where=f"{paths[split]}: record")
+                                                   where=f"{paths[split]}: record",
+                                                   record_ids=self.reports[split].kept)
             n_edits = hp.n_edits if training else (hp.val_n_edits or hp.n_edits)
             rest = len(requests) % n_edits
             if rest:
@@ -202,7 +205,8 @@ class EditDataModule(L.LightningDataModule):
         n_edits = hp.n_edits if training else (hp.val_n_edits or hp.n_edits)
         sampler = EditBatchSampler(len(self.splits[split]), n_edits, shuffle=training, seed=hp.seed, drop_last=training)
         if training and len(sampler) == 0:
-            raise RecordError(f"{hp.train_path} has {len(self.splits[split])} valid records, fewer than n_edits={n_edits}.")
+            raise RecordError(f"{hp.train_path} has {len(self.splits[split])} valid records, "
+                              f"fewer than n_edits={n_edits}.")
         views = TRAIN_VIEWS if training else EVAL_VIEWS
         return DataLoader(self.splits[split], batch_sampler=sampler, num_workers=hp.num_workers,
                           collate_fn=EditCollator(views, hp.batch_size, self.tokenizer.pad_token_id),

@@ -46,6 +46,7 @@ class LoadReport:
 
     path: str
     n_records: int = 0
+    kept: list[int] = field(default_factory=list)  # file index of each valid record
     invalid: Counter = field(default_factory=Counter)
 
     @property
@@ -71,7 +72,8 @@ def read_json_records(path: str | Path) -> list[Any]:
         with opener(path, "rt", encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as err:
-        raise RecordError(f"Data file '{path}' cannot be read as UTF-8 text ({err}); pass a JSON or JSONL file.") from None
+        raise RecordError(f"Data file '{path}' cannot be read as UTF-8 text ({err}); "
+                          "pass a JSON or JSONL file.") from None
     stripped = text.lstrip()
     if not stripped:
         raise RecordError(f"Data file '{path}' is empty; it needs a JSON list of records or one JSON record per line.")
@@ -142,7 +144,8 @@ def _zsre(r: dict) -> EditRequest:
         prompt=_text(r, "src"), target=_text(r, "alt"), rephrase=_text(r, "rephrase"),
         locality_prompt=_text(r, "loc"), locality_answer=_text(r, "loc_ans"),
         ground_truth=_first_text(answers), subject=_text(r, "subject", False),
-        portability_prompt=_first_text(port.get("New Question")), portability_answer=_first_text(port.get("New Answer")),
+        portability_prompt=_first_text(port.get("New Question")),
+        portability_answer=_first_text(port.get("New Answer")),
     )
 
 
@@ -272,6 +275,7 @@ def load_requests(
             report.invalid[err.reason] += 1
             continue
         requests.append(request)
+        report.kept.append(index)
     if not requests:
         raise RecordError(f"{path} holds no valid edit request ({report.summary()}).")
     return requests, report

@@ -44,13 +44,15 @@ def join(prompt: str, answer: str) -> tuple[str, str]:
 
 def tokenize_pairs(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], max_length: int = 256,
-    where: str = "record",
+    where: str = "record", record_ids: Sequence[int] | None = None,
 ) -> list[Tokenized]:
-    """Tokenise many (prompt, answer) pairs; raise :class:`TokenizationError` naming the bad pair."""
+    """Tokenise many (prompt, answer) pairs; raise :class:`TokenizationError` naming the bad pair
+    (``where`` and ``record_ids[i]``, the record's index in its file)."""
     texts = [join(p, a)[0] for p, a in zip(prompts, answers)]
     enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, add_special_tokens=True)
     out = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        name = f"{where} {record_ids[i] if record_ids is not None else i}"
         ids, offsets, special = enc["input_ids"][i], enc["offset_mapping"][i], enc["special_tokens_mask"][i]
         # Special tokens appended after the text (an EOS some tokenizers add) are not part of the answer.
         while ids and special[-1]:
@@ -59,16 +61,16 @@ def tokenize_pairs(
         answer_pos = [j for j, ((start, end), s) in enumerate(zip(offsets, special)) if not s and start >= boundary]
         straddles = [j for j, ((start, end), s) in enumerate(zip(offsets, special)) if not s and start < boundary < end]
         if straddles:
-            raise TokenizationError(f"{where} {i}: the tokenizer merges the end of the prompt {prompt[-20:]!r} with the "
+            raise TokenizationError(f"{name}: the tokenizer merges the end of the prompt {prompt[-20:]!r} with the "
                                     f"answer {answer!r} into one token; end the prompt with punctuation or a space.")
         if not answer_pos or not answer.strip():
-            raise TokenizationError(f"{where} {i}: the answer {answer!r} tokenises to nothing; give a non-empty answer.")
+            raise TokenizationError(f"{name}: the answer {answer!r} tokenises to nothing; give a non-empty answer.")
         if len(ids) > max_length:
-            raise TokenizationError(f"{where} {i}: prompt + answer is {len(ids)} tokens, over max_length={max_length}; "
+            raise TokenizationError(f"{name}: prompt + answer is {len(ids)} tokens, over max_length={max_length}; "
                                     "shorten it or raise max_length.")
         first = answer_pos[0]
         if first == 0:
-            raise TokenizationError(f"{where} {i}: the prompt {prompt!r} tokenises to nothing; give a non-empty prompt.")
+            raise TokenizationError(f"{name}: the prompt {prompt!r} tokenises to nothing; give a non-empty prompt.")
         labels = [IGNORE_INDEX] * (first - 1) + ids[first:]
         out.append(Tokenized(input_ids=ids[:-1], labels=labels))
     return out

@@ -118,11 +118,11 @@ class Editor(nn.Module):
             shifts.append(shift.detach().requires_grad_(requires_grad))
         diagnostics = {}
         before, after = layer_cosines(residuals, all_reduce), layer_cosines(spread_residuals, all_reduce)
-        for l, (b, a) in enumerate(zip(before, after)):
-            diagnostics[f"cos_{l}_{l + 1}/before"] = b
-            diagnostics[f"cos_{l}_{l + 1}/after"] = a
-        for l, r in enumerate(spread_residuals):
-            diagnostics[f"residual_norm/{l}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
+        for layer, (b, a) in enumerate(zip(before, after)):
+            diagnostics[f"cos_{layer}_{layer + 1}/before"] = b
+            diagnostics[f"cos_{layer}_{layer + 1}/after"] = a
+        for layer, r in enumerate(spread_residuals):
+            diagnostics[f"residual_norm/{layer}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
         return EditState(update_keys, residuals, spread_residuals, shifts, diagnostics)
 
     def backward(self, cap: Capture, state: EditState, shift_grads: Sequence[torch.Tensor],

@@ -75,10 +75,10 @@ class ReferenceSpread(Spread):
     def __call__(self, residuals, value_grads, all_reduce=_identity):
         _check_shapes(residuals)
         out = [residuals[0]]
-        for l in range(1, len(residuals)):
-            prev = residuals[l - 1]
-            coeff = _inner(residuals[l], prev, all_reduce) / (_inner(prev, prev, all_reduce) + self.eps)
-            out.append(residuals[l] - coeff * value_grads[l - 1].to(residuals[l].dtype))
+        for layer in range(1, len(residuals)):
+            prev, cur = residuals[layer - 1], residuals[layer]
+            coeff = _inner(cur, prev, all_reduce) / (_inner(prev, prev, all_reduce) + self.eps)
+            out.append(cur - coeff * value_grads[layer - 1].to(cur.dtype))
         return out
 
 

@@ -1,0 +1,101 @@
+"""EditDataModule: edit batches of n_edits requests in micro-batches, seeded shuffling, remainders, resume."""
+
+import logging
+
+import pytest
+import torch
+from conftest import CF_EVAL, ZSRE_EVAL, ZSRE_TRAIN
+
+from horse_pl.data import EditDataModule
+from horse_pl.data.datamodule import EditBatchSampler
+from horse_pl.data.records import RecordError
+
+
+def _dm(tiny_llama, **kw):
+    args = dict(train_path=str(ZSRE_TRAIN), val_path=str(ZSRE_EVAL), dataset="zsre", model=tiny_llama,
+                n_edits=10, batch_size=4, val_limit=25, max_length=1024)
+    args.update(kw)
+    dm = EditDataModule(**args)
+    dm.setup("fit")
+    return dm
+
+
+def test_train_batch_structure(tiny_llama):
+    dm = _dm(tiny_llama)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["n_edits"] == 10 and batch["index"].shape == (10,)
+    for view in ("edit", "rephrase", "locality"):
+        sizes = [mb["input_ids"].shape[0] for mb in batch[view]]
+        assert sizes == [4, 4, 2]
+        assert sorted(batch[f"{view}_rows"].tolist()) == list(range(10))
+        for mb in batch[view]:
+            assert set(mb) == {"input_ids", "attention_mask", "labels"}
+            assert ((mb["labels"] != -100).sum(1) > 0).all()  # every sequence has answer tokens
+    assert "portability" not in batch  # training views only
+
+
+def test_edit_rows_map_back_to_records(tiny_llama):
+    dm = _dm(tiny_llama)
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    seq = 0
+    mb = batch["edit"][0]
+    row = batch["edit_rows"][seq]
+    request = dm.requests["train"][dm.reports["train"].kept.index(int(batch["index"][row]))]
+    labels = mb["labels"][seq]
+    assert tok.decode(labels[labels != -100]) == " " + request.target
+
+
+def test_shuffle_is_seeded_and_epochs_differ(tiny_llama):
+    first = [b["index"].tolist() for b, _ in zip(_dm(tiny_llama, seed=3).train_dataloader(), range(3))]
+    again = [b["index"].tolist() for b, _ in zip(_dm(tiny_llama, seed=3).train_dataloader(), range(3))]
+    other = [b["index"].tolist() for b, _ in zip(_dm(tiny_llama, seed=4).train_dataloader(), range(3))]
+    assert first == again and first != other
+    sampler = EditBatchSampler(100, 10, shuffle=True, seed=0, drop_last=True)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+
+
+def test_resume_skips_batches_already_seen():
+    sampler = EditBatchSampler(100, 10, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip_next(4)
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # only the next iteration skips
+
+
+def test_validation_remainder_is_kept_and_logged(tiny_llama, caplog):
+    with caplog.at_level(logging.INFO):
+        dm = _dm(tiny_llama)
+    batches = list(dm.val_dataloader())
+    assert [b["n_edits"] for b in batches] == [10, 10, 5]
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(25))  # every record once
+    assert "remaining 5 are edited together as a last, smaller edit batch" in caplog.text
+    assert "35 invalid" in caplog.text
+    assert {"portability", "edit_true", "locality_new"} <= set(batches[0])
+
+
+def test_counterfact_eval_views(tiny_llama):
+    dm = _dm(tiny_llama, train_path=str(CF_EVAL), val_path=str(CF_EVAL), dataset="counterfact")
+    batch = next(iter(dm.val_dataloader()))
+    assert len(batch["edit_true_rows"]) == 10 and len(batch["locality_new_rows"]) == 10
+
+
+def test_works_with_worker_processes(tiny_llama):
+    dm = _dm(tiny_llama, num_workers=1)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch["edit"][0]["input_ids"], torch.Tensor)
+
+
+def test_too_few_records_and_missing_train_path(tiny_llama, tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt": "a?", "target": "b", "rephrase": "c?", "locality_prompt": "d?", '
+                    '"locality_answer": "e"}\n')
+    dm = EditDataModule(train_path=str(path), model=tiny_llama, n_edits=4)  # one record
+    dm.setup("fit")
+    with pytest.raises(RecordError, match="fewer than n_edits=4"):
+        dm.train_dataloader()
+    with pytest.raises(RecordError, match="needs data.train_path"):
+        EditDataModule(model=tiny_llama).setup("fit")

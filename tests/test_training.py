@@ -1,0 +1,116 @@
+"""Meta-training through the CLI on a tiny model: steps, validation, checkpoints, exact resume, recipes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ZSRE_EVAL, ZSRE_TRAIN
+
+from horse_pl.cli import cli, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def _args(model: str, root: Path, steps: int, method: str = "horse", **extra) -> list[str]:
+    args = [
+        "--seed_everything", "0",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.max_steps", str(steps), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2",
+        "--trainer.val_check_interval", str(steps), "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.default_root_dir", str(root),
+        "--model.model", model, "--model.edit_modules", "last:2", "--model.rank", "8", "--model.lr", "1e-3",
+        "--model.meta_lr", "1e-3",
+        "--data.train_path", str(ZSRE_TRAIN), "--data.val_path", str(ZSRE_EVAL), "--data.dataset", "zsre",
+        "--data.n_edits", "8", "--data.batch_size", "4", "--data.val_limit", "16", "--data.max_length", "1024",
+    ]
+    if method == "malmen":
+        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.learn_lambda", "true",
+                 "--model.locality", "kl"]
+    elif method == "mend":
+        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.update",
+                 "horse_pl.editing.update.OuterProductUpdate", "--model.positions", "all", "--model.locality", "kl"]
+    elif method == "reference":
+        args += ["--model.spread", "horse_pl.editing.spread.ReferenceSpread"]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.editor.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["horse", "reference", "malmen", "mend"])
+def test_fit_then_validate_runs_every_method(tiny_llama, tmp_path, method):
+    run = cli(["fit"] + _args(tiny_llama, tmp_path, steps=2, method=method))
+    module = run.model
+    assert run.trainer.global_step == 2
+    metrics = run.trainer.callback_metrics
+    for name in ("val/ES", "val/GS", "val/LS", "val/LS_agree", "val/unedited_ES", "val/EM_edit", "val/portability"):
+        assert name in metrics, name
+    assert 0.0 <= float(metrics["val/ES"]) <= 1.0
+    # the normaliser saw this run's rows; the LM stayed frozen and out of the checkpoint
+    net = next(iter(module.editor.hypernet.nets.values()))
+    assert net.normalizer.count > 0
+    assert not any(p.requires_grad for p in module.lm.parameters())
+    lam = net.lamda.weight
+    assert (lam.abs().sum() > 0) == (method == "malmen")  # lambda learned by MALMEN only
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert not any(k.startswith("lm.") for k in ckpt["state_dict"])
+    assert ckpt["horse_pl"]["fingerprint"] == module.fingerprint
+
+
+def _checkpoint_every_step(folder: Path) -> list[str]:
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath", str(folder), "--trainer.callbacks.save_last", "true",
+            "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+
+
+def test_resume_continues_exactly(tiny_llama, tmp_path):
+    every_step = _checkpoint_every_step(tmp_path / "a")
+    straight = cli(["fit"] + _args(tiny_llama, tmp_path / "s", steps=4, **{"trainer.limit_val_batches": 0}))
+    cli(["fit"] + _args(tiny_llama, tmp_path / "a", steps=2, **{"trainer.limit_val_batches": 0}) + every_step)
+    resumed = cli(["fit"] + _args(tiny_llama, tmp_path / "b", steps=4, **{"trainer.limit_val_batches": 0})
+                  + ["--ckpt_path", str(tmp_path / "a" / "last.ckpt")])
+    assert resumed.trainer.global_step == 4
+    expected, got = _params(straight.model), _params(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_onto_another_base_model_is_refused(tmp_path, capsys):
+    """Resuming reloads the base model named in the checkpoint; if different weights now stand behind that
+    name (an updated folder or hub revision), the fingerprint refuses the resume."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model("llama", tmp_path / "base", seed=0)
+    cli(["fit"] + _args(str(folder), tmp_path / "a", steps=1, **{"trainer.limit_val_batches": 0})
+        + _checkpoint_every_step(tmp_path / "a"))
+    build_tiny_model("llama", folder, seed=7)  # same name, other weights
+    with pytest.raises(SystemExit):
+        main(["fit"] + _args(str(folder), tmp_path / "b", steps=2, **{"trainer.limit_val_batches": 0})
+             + ["--ckpt_path", str(tmp_path / "a" / "last.ckpt")])
+    err = capsys.readouterr().err
+    assert "error: This checkpoint was trained on base model" in err and "Traceback" not in err
+
+
+def test_bad_data_path_is_one_sentence(tiny_llama, tmp_path, capsys):
+    args = _args(tiny_llama, tmp_path, steps=1)
+    args[args.index("--data.train_path") + 1] = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit):
+        main(["fit"] + args)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Data file") and "does not exist" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_recipe_parses_and_builds_with_the_model_shrunk(config, tiny_llama, tmp_path):
+    run = cli(["--config", str(config), "--model.model", tiny_llama, "--model.edit_modules", "last:2",
+               "--model.rank", "4", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"], run=False)
+    assert run.model.hparams.model == tiny_llama
+    assert run.datamodule.hparams.model == tiny_llama  # linked from model.model
+    run.model.configure_model()
+    assert run.model.editor.n_modules == 2
