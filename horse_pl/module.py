@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from horse_pl.data.datamodule import EVAL_VIEWS
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
 from horse_pl.editing.editor import Editor, EditState
+from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.lm import answer_ce, answer_logits
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
-from horse_pl.metrics import compute_scores, make_metrics, score_batch, score_view, update_metrics
+from horse_pl.metrics import make_metrics, update_metrics
 from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
 
 
@@ -113,7 +114,7 @@ class EditorModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["horse_pl"] = {"base_model": self.hparams.model, "fingerprint": self.fingerprint,
-                                  "edit_modules": self.module_names}
+                                  "edit_modules": self.module_names, "shapes": self.editor.hypernet.shapes}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
@@ -199,16 +200,12 @@ class EditorModule(L.LightningModule):
 
     # ------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, metrics) -> None:
-        _, state = self.compute_shifts(batch["edit"])
-        if not self._baseline_done:  # the unedited model's scores, computed once
-            before = score_batch(self.lm, batch, EVAL_VIEWS)
-            update_metrics(self.pre_metrics, compute_scores(before, before["locality"]))
-            loc_before = before["locality"]
-        else:
-            loc_before = score_view(self.lm, batch["locality"], batch["locality_rows"])
-        with applied(self.edit_modules, state.param_shifts):
-            after = score_batch(self.lm, batch, EVAL_VIEWS)
-        update_metrics(metrics, compute_scores(after, loc_before))
+        # the unedited model's scores are computed once, on the first full evaluation
+        result = edit_and_score(self.editor, self.lm, self.edit_modules, batch, EVAL_VIEWS,
+                                score_before=not self._baseline_done)
+        if result.values_before is not None:
+            update_metrics(self.pre_metrics, result.values_before)
+        update_metrics(metrics, result.values_after)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)

@@ -1,0 +1,153 @@
+"""Python API for applying edits with an exported editor (the objects ``edit.py`` uses).
+
+    from horse_pl.api import KnowledgeEditor
+    ke = KnowledgeEditor.from_pretrained("editors/zsre-smollm2")
+    requests, _ = load_requests("my_edits.json")
+    shifts, report = ke.edit(requests)          # computes, scores before/after, merges into ke.model
+    ke.save("edited-model/")                    # plain transformers folder
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
+from horse_pl.data.records import EditRequest, RecordError
+from horse_pl.edit_modules import get_modules, resolve_edit_modules
+from horse_pl.editing.evaluate import edit_and_score
+from horse_pl.editing.shifts import merge
+from horse_pl.export import EditorLoadError, _write_atomic_dir, load_editor
+from horse_pl.metrics import SCORE_NAMES
+from horse_pl.models import load_model, model_fingerprint
+
+DELTA_FORMAT = "horse_pl-delta"
+
+
+class KnowledgeEditor:
+    """An exported editor bound to a base model.
+
+    Args:
+        editor_dir: folder written by ``python train.py export``.
+        model: base model (defaults to the one the editor was trained on).
+        dtype, device: how to load the base model.
+    """
+
+    def __init__(self, editor, config, model, tokenizer, model_name: str):
+        self.editor, self.config, self.model_name = editor, config, model_name
+        self.model, self.tokenizer = model, tokenizer
+        self.modules = get_modules(model, config.edit_modules)
+        self.timings: dict[str, float] = {}
+        self.fingerprints: tuple[str | None, str | None] = (None, None)  # (before, after) the last merge
+
+    @classmethod
+    def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
+                        device: str = "cpu") -> KnowledgeEditor:
+        start = time.perf_counter()
+        editor, config = load_editor(editor_dir)
+        name = model or config.base_model
+        lm, tokenizer = load_model(name, dtype=dtype, device=device)
+        resolve_edit_modules(lm, config.edit_modules)  # clear error if a module is missing
+        fingerprint = model_fingerprint(lm)
+        if fingerprint != config.base_fingerprint:
+            raise EditorLoadError(f"The editor in '{editor_dir}' was trained on '{config.base_model}' (fingerprint "
+                                  f"{config.base_fingerprint}), not on '{name}' (fingerprint {fingerprint}); "
+                                  "use the editor's base model or train an editor for this one.")
+        instance = cls(editor.to(device), config, lm, tokenizer, name)
+        instance.timings["load"] = time.perf_counter() - start
+        return instance
+
+    def batches(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256) -> dict:
+        """All requests as one edit batch of micro-batches (the unit the closed-form solve needs)."""
+        table = tokenize_requests(self.tokenizer, requests, EVAL_VIEWS, max_length, where="request")
+        batch = EditCollator(EVAL_VIEWS, batch_size, self.tokenizer.pad_token_id)([table[i] for i in range(len(table))])
+        device = next(self.model.parameters()).device
+        for view in EVAL_VIEWS:
+            batch[view] = [{k: v.to(device) for k, v in mb.items()} for mb in batch[view]]
+        return batch
+
+    def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
+             merge_shifts: bool = True) -> tuple[list[torch.Tensor], dict]:
+        """Compute the shifts of all requests at once, score before/after, and (by default) merge them."""
+        if not requests:
+            raise RecordError("There are no valid edit requests to apply.")
+        start = time.perf_counter()
+        batch = self.batches(requests, batch_size, max_length)
+        result = edit_and_score(self.editor, self.model, self.modules, batch, EVAL_VIEWS, score_before=True)
+        self.timings["edit_and_score"] = time.perf_counter() - start
+        if merge_shifts:
+            start = time.perf_counter()
+            self.fingerprints = (model_fingerprint(self.model), None)
+            merge(self.modules, result.state.param_shifts)
+            self.fingerprints = (self.fingerprints[0], model_fingerprint(self.model))
+            self.timings["merge"] = time.perf_counter() - start
+        return result.state.param_shifts, self._report(requests, result)
+
+    def _report(self, requests, result) -> dict:
+        per_request = [{"prompt": r.prompt, "target": r.target, "before": {}, "after": {}} for r in requests]
+        for when, scores in (("before", result.before), ("after", result.after)):
+            for name, view in (("ES", "edit"), ("GS", "rephrase"), ("LS", "locality"), ("portability", "portability")):
+                if view in scores:
+                    for row, acc in zip(scores[view].rows.tolist(), scores[view].accuracy.tolist()):
+                        per_request[row][when][name] = acc
+            for name, view in (("EM_edit", "edit"), ("EM_rephrase", "rephrase")):
+                if view in scores:
+                    for row, ok in zip(scores[view].rows.tolist(), scores[view].exact.tolist()):
+                        per_request[row][when][name] = bool(ok)
+        summary = {}
+        for when, values in (("before", result.values_before), ("after", result.values_after)):
+            summary[when] = {n: float(values[n].mean()) for n in SCORE_NAMES if n in values and values[n].numel()}
+        return {"n_requests": len(requests), "summary": summary, "requests": per_request}
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Save the (edited) model and tokenizer with ``save_pretrained``, atomically."""
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(folder, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
+        _write_atomic_dir(Path(out), write, overwrite)
+        return Path(out)
+
+    def save_delta(self, shifts: Sequence[torch.Tensor], out: str | Path, requests_sha256: str = "",
+                   overwrite: bool = False) -> Path:
+        """Write only the merged shifts of the edit modules (safetensors, with provenance metadata)."""
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"'{out}' already exists; choose another path or pass --overwrite.")
+        tensors = {name: s.detach().cpu().contiguous() for name, s in zip(self.config.edit_modules, shifts)}
+        if self.fingerprints[1] is None:
+            raise RuntimeError("save_delta needs edit(..., merge_shifts=True) first.")
+        meta = {"format": DELTA_FORMAT, "base_model": self.model_name, "base_fingerprint": self.fingerprints[0],
+                "result_fingerprint": self.fingerprints[1],
+                "modules": json.dumps(self.config.edit_modules), "dtype": str(next(self.model.parameters()).dtype),
+                "orientation": "d_in x d_out", "requests_sha256": requests_sha256}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(out)
+        return out
+
+
+def apply_delta(model: torch.nn.Module, delta_path: str | Path, sign: float = 1.0) -> dict:
+    """Add (``sign=1``) or remove (``sign=-1``) a delta file's shifts in place; refuse another base model."""
+    from safetensors import safe_open
+
+    with safe_open(str(delta_path), "pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("format") != DELTA_FORMAT:
+        raise EditorLoadError(f"'{delta_path}' is not a horse_pl delta file; write one with 'edit.py --delta'.")
+    fingerprint = model_fingerprint(model)
+    expected = meta["base_fingerprint"] if sign > 0 else meta["result_fingerprint"]
+    if fingerprint != expected:
+        what = "applied to the model it was made from" if sign > 0 else "reverted from the model it produced"
+        raise EditorLoadError(f"The delta '{delta_path}' can only be {what} (fingerprint {expected}; made from "
+                              f"'{meta['base_model']}'), but this model's fingerprint is {fingerprint}; "
+                              "apply deltas in order and revert them in reverse order.")
+    tensors = load_file(str(delta_path))
+    names = json.loads(meta["modules"])
+    merge(get_modules(model, names), [tensors[n] for n in names], sign=sign)
+    return meta

@@ -1,0 +1,43 @@
+"""Edit one batch and score it before and after: shared by validation and edit.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from horse_pl.editing.editor import Editor, EditState
+from horse_pl.editing.shifts import applied
+from horse_pl.metrics import SequenceScores, compute_scores, score_batch, score_view
+
+
+@dataclass
+class BatchResult:
+    """Shifts of one edit batch with per-sequence scores before (optional) and after the edit."""
+
+    state: EditState
+    before: dict[str, SequenceScores] | None
+    after: dict[str, SequenceScores]
+    values_before: dict[str, torch.Tensor] | None
+    values_after: dict[str, torch.Tensor]
+
+
+def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: dict,
+                   views: Sequence[str], score_before: bool = True) -> BatchResult:
+    """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or only the locality view, which
+    LS_agree needs) and with the shifts applied; the model is left unedited."""
+    cap = editor.capture(lm, modules, batch["edit"])
+    state = editor.param_shifts(cap)
+    views = tuple(v for v in views if batch.get(v))
+    if score_before:
+        before = score_batch(lm, batch, views)
+        locality_before = before.get("locality")
+    else:
+        before = None
+        locality_before = score_view(lm, batch["locality"], batch["locality_rows"]) if batch.get("locality") else None
+    with applied(modules, state.param_shifts):
+        after = score_batch(lm, batch, views)
+    values_before = compute_scores(before, locality_before) if before is not None else None
+    return BatchResult(state, before, after, values_before, compute_scores(after, locality_before))

@@ -1,0 +1,174 @@
+"""Exported editors: a folder with ``config.json`` and ``model.safetensors``, loadable without Lightning.
+
+``python train.py export --ckpt_path CKPT --out DIR`` writes it; :func:`load_editor` reads it back.
+Exports are reproducible: the same checkpoint gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from horse_pl.editing.editor import Editor
+from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
+from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
+from horse_pl.models import parse_dtype
+
+SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
+UPDATES: dict[str, type[ParamShiftUpdate]] = {c.name: c for c in (ClosedFormUpdate, OuterProductUpdate)}
+FORMAT_VERSION = 1
+
+
+class EditorLoadError(ValueError):
+    """An editor folder is missing, incomplete or does not fit the model it is used with."""
+
+
+@dataclass
+class EditorConfig:
+    """Everything needed to rebuild an editor and check it against a base model."""
+
+    method: str
+    spread: str
+    update: str
+    positions: str
+    learn_lambda: bool
+    rank: int
+    n_blocks: int
+    lr: float
+    chunk_size: int
+    cache_dtype: str
+    edit_modules: list[str]
+    shapes: list[list[int]]
+    base_model: str
+    base_fingerprint: str
+    training: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def method_name(spread: Spread, update: ParamShiftUpdate, learn_lambda: bool) -> str:
+    """The method a stage combination implements (for people reading config.json)."""
+    if update.name == "outer_product":
+        return "mend"
+    if spread.name == "none":
+        return "malmen" if learn_lambda else "closed_form_no_spread"
+    return "horse" if spread.name == "gram_schmidt" else f"horse_{spread.name}"
+
+
+def build_editor(config: EditorConfig) -> Editor:
+    """An :class:`Editor` with the architecture and stages named in ``config`` (weights untouched)."""
+    if config.spread not in SPREADS or config.update not in UPDATES:
+        raise EditorLoadError(f"Unknown stage in editor config: spread '{config.spread}', update '{config.update}'.")
+    return Editor([tuple(s) for s in config.shapes], config.rank, config.n_blocks, config.lr,
+                  SPREADS[config.spread](), UPDATES[config.update](), config.positions, config.learn_lambda,
+                  config.chunk_size, parse_dtype(config.cache_dtype))
+
+
+def _write_atomic_dir(out: Path, write, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_editor(editor: Editor, config: EditorConfig, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``out`` atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(editor.state_dict().items())}
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "horse_pl-editor"})
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+
+    _write_atomic_dir(Path(out), write, overwrite)
+    return Path(out)
+
+
+def load_editor(folder: str | Path) -> tuple[Editor, EditorConfig]:
+    """Load an exported editor folder (no checkpoint, trainer or pickle needed)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise EditorLoadError(f"'{folder}' is not an exported editor (needs config.json and model.safetensors); "
+                              "create one with 'python train.py export'.")
+    raw = json.loads(config_path.read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise EditorLoadError(f"'{config_path}' has format_version {raw.get('format_version')}, this horse_pl reads "
+                              f"{FORMAT_VERSION}; export the editor again with this version.")
+    config = EditorConfig(**raw)
+    editor = build_editor(config)
+    editor.load_state_dict(load_file(str(weights_path)))
+    editor.eval()
+    return editor, config
+
+
+def config_from_checkpoint(checkpoint: dict) -> EditorConfig:
+    """The editor config of a Lightning checkpoint written by :class:`~horse_pl.module.EditorModule`."""
+    hp = checkpoint["hyper_parameters"]
+    meta = checkpoint.get("horse_pl")
+    if meta is None:
+        raise EditorLoadError("This checkpoint was not written by horse_pl's EditorModule (no 'horse_pl' entry).")
+    spread = hp.get("spread") or GramSchmidtSpread()
+    update = hp.get("update") or ClosedFormUpdate()
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    training = {k: data.get(k) for k in ("train_path", "dataset", "n_edits", "batch_size", "seed")}
+    if data.get("train_path") and Path(data["train_path"]).is_file():
+        from horse_pl.data.records import file_sha256
+
+        training["train_sha256"] = file_sha256(data["train_path"])
+    training["global_step"] = checkpoint.get("global_step")
+    return EditorConfig(
+        method=method_name(spread, update, hp["learn_lambda"]), spread=spread.name, update=update.name,
+        positions=hp["positions"], learn_lambda=hp["learn_lambda"], rank=hp["rank"], n_blocks=hp["n_blocks"],
+        lr=hp["lr"], chunk_size=hp["chunk_size"], cache_dtype=hp["cache_dtype"], edit_modules=meta["edit_modules"],
+        shapes=[list(s) for s in meta["shapes"]], base_model=hp["model"], base_fingerprint=meta["fingerprint"],
+        training=training,
+        versions={p: version(p) for p in ("horse_pl", "torch", "transformers", "lightning")},
+    )
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Turn a training checkpoint into an editor folder."""
+    if not Path(ckpt_path).is_file():
+        raise EditorLoadError(f"Checkpoint '{ckpt_path}' does not exist; pass a .ckpt file from checkpoints/.")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = config_from_checkpoint(checkpoint)
+    editor = build_editor(config)
+    prefix = "editor."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    editor.load_state_dict(state)
+    return save_editor(editor, config, out, overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python train.py export",
+                                     description="Write a trained hypernetwork as a self-contained editor folder.")
+    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="editor folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.ckpt_path, args.out, args.overwrite)
+    except (EditorLoadError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported editor to {out}")
+    return 0

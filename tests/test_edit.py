@@ -1,0 +1,128 @@
+"""Export, edit.py, deltas and the Python API on a tiny model."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import ZSRE_EVAL
+from test_training import _args, _checkpoint_every_step
+
+from horse_pl.api import KnowledgeEditor, apply_delta
+from horse_pl.cli import cli
+from horse_pl.data.records import load_requests
+from horse_pl.export import load_editor
+from horse_pl.export import main as export_main
+from horse_pl.models import load_model
+
+edit_main = pytest.importorskip("edit").main
+
+
+@pytest.fixture(scope="module")
+def editor_dir(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("editor")
+    cli(["fit"] + _args(tiny_llama, root / "run", steps=3, **{"trainer.limit_val_batches": 0})
+        + _checkpoint_every_step(root / "ckpt"))
+    assert export_main(["--ckpt_path", str(root / "ckpt" / "last.ckpt"), "--out", str(root / "editor")]) == 0
+    return root
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_is_self_contained_and_reproducible(editor_dir, tiny_llama, capsys):
+    editor, config = load_editor(editor_dir / "editor")
+    assert config.method == "horse" and config.spread == "gram_schmidt" and config.base_model == tiny_llama
+    assert config.training["train_sha256"] and config.training["global_step"] == 3
+    assert {"torch", "transformers", "lightning", "horse_pl"} <= set(config.versions)
+    ckpt = torch.load(editor_dir / "ckpt" / "last.ckpt", weights_only=False)
+    for name, value in editor.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][f"editor.{name}"]), name
+    again = editor_dir / "editor2"
+    assert export_main(["--ckpt_path", str(editor_dir / "ckpt" / "last.ckpt"), "--out", str(again)]) == 0
+    for name in ("config.json", "model.safetensors"):
+        assert _sha(again / name) == _sha(editor_dir / "editor" / name)
+    # an existing --out is never overwritten without --overwrite
+    assert export_main(["--ckpt_path", str(editor_dir / "ckpt" / "last.ckpt"), "--out", str(again)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def _requests_file(tmp_path, n=6):
+    records = json.loads(__import__("gzip").open(ZSRE_EVAL).read())[:n]
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_edit_saves_a_model_that_plain_transformers_reloads(editor_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    requests_path = _requests_file(tmp_path)
+    ke = KnowledgeEditor.from_pretrained(editor_dir / "editor")
+    requests, _ = load_requests(requests_path)
+    shifts, report = ke.edit(requests, max_length=1024)
+    assert report["n_requests"] == 6 and set(report["summary"]) == {"before", "after"}
+    assert {"ES", "GS", "LS", "LS_agree"} <= set(report["summary"]["after"])
+    ke.save(tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, ke.model(ids).logits, rtol=0, atol=0)
+    # the in-memory edit equals the functional (hooked) application of the same shifts
+    base, _ = load_model(ke.model_name)
+    from horse_pl.edit_modules import get_modules
+    from horse_pl.editing.shifts import applied
+
+    with torch.no_grad(), applied(get_modules(base, ke.config.edit_modules), shifts):
+        torch.testing.assert_close(base(ids).logits, ke.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_edit_cli_delta_apply_revert_and_stack(editor_dir, tiny_llama, tmp_path, capsys):
+    requests_path = _requests_file(tmp_path)
+    common = ["--editor", str(editor_dir / "editor"), "--requests", str(requests_path), "--max-length", "1024"]
+    assert edit_main(common + ["--out", str(tmp_path / "full")]) == 0
+    assert "ES" in capsys.readouterr().out
+    report = json.loads((tmp_path / "full" / "edit_report.json").read_text())
+    assert len(report["requests"]) == 6 and "after" in report["requests"][0]
+    assert edit_main(common + ["--out", str(tmp_path / "full")]) == 2  # no overwrite without asking
+    assert "already exists" in capsys.readouterr().err
+
+    delta = tmp_path / "d1.safetensors"
+    assert edit_main(common + ["--delta", "--out", str(delta)]) == 0
+    assert edit_main(["apply-delta", "--model", tiny_llama, "--delta", str(delta), "--out", str(tmp_path / "m1")]) == 0
+    full, _ = load_model(str(tmp_path / "full"))
+    via_delta, _ = load_model(str(tmp_path / "m1"))
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(via_delta(ids).logits, full(ids).logits, rtol=0, atol=0)
+
+    # a second delta made on top of the first, then both reverted in reverse order
+    (tmp_path / "x").mkdir()
+    second = _requests_file(tmp_path / "x", n=3)
+    delta2 = tmp_path / "d2.safetensors"
+    assert edit_main(["--editor", str(editor_dir / "editor"), "--requests", str(second), "--max-length", "1024",
+                      "--model", str(tmp_path / "m1"), "--delta", "--out", str(delta2)]) == 2  # editor refuses m1
+    assert "was trained on" in capsys.readouterr().err
+    model, _ = load_model(str(tmp_path / "m1"))
+    with pytest.raises(Exception, match="apply deltas in order"):
+        apply_delta(model, delta)  # already applied: its base fingerprint no longer matches
+    apply_delta(model, delta, sign=-1.0)
+    base, _ = load_model(tiny_llama)
+    for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)  # fp32: revert within float rounding
+    assert edit_main(["revert-delta", "--model", str(tmp_path / "m1"), "--delta", str(delta),
+                      "--out", str(tmp_path / "restored")]) == 0
+
+
+def test_bad_requests_file_and_missing_editor(editor_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "x", "target": ""}]')
+    editor = str(editor_dir / "editor")
+    assert edit_main(["--editor", editor, "--requests", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "record 0: field 'target' is empty" in err and "Traceback" not in err
+    good = _requests_file(tmp_path)
+    assert edit_main(["--editor", str(tmp_path), "--requests", str(good), "--out", str(tmp_path / "o")]) == 2
+    assert "is not an exported editor" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
