@@ -208,3 +208,40 @@ def _run_with_fake_all_reduce(workers):
     for t in threads:
         t.join()
     return results
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
+    """Keys are the module inputs and value gradients dL/d(output) at the answer positions, for every
+    edit module at once, although the backward pass stops at the lowest edit module."""
+    from horse_pl.data.tokenize import collate, tokenize_pairs
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules
+    from horse_pl.editing.capture import capture
+    from horse_pl.editing.lm import answer_ce
+    from horse_pl.models import load_model
+
+    model, tok = load_model(tiny_models[kind])
+    names = resolve_edit_modules(model, "last:2")
+    modules = get_modules(model, names)
+    mb = collate(tokenize_pairs(tok, ["What is the capital of Freedonia?", "Who wrote it?"], ["Paris", "Me and you"],
+                                max_length=1024), tok.pad_token_id)
+    cap = capture(model, modules, [mb])
+
+    inputs, outputs = {}, {}
+    hooks = []
+    for i, m in enumerate(modules):
+        def hook(module, args, out, i=i):
+            inputs[i] = args[0]
+            out.retain_grad()
+            outputs[i] = out
+        hooks.append(m.register_forward_hook(hook))
+    model.requires_grad_(True)  # plain autograd through everything
+    answer_ce(model, mb).backward()
+    model.requires_grad_(False)
+    for h in hooks:
+        h.remove()
+    mask = mb["labels"] != -100
+    for i in range(len(modules)):
+        torch.testing.assert_close(cap.keys[i], inputs[i][mask].detach())
+        torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[mask], rtol=1e-5, atol=1e-8)
+        assert cap.value_grads[i].abs().sum() > 0
