@@ -24,7 +24,10 @@ class HorseCLI(LightningCLI):
 
 def cli(args=None, run: bool = True) -> HorseCLI:
     """Build (and by default run) the CLI; ``args`` as a list or dict for tests."""
-    return HorseCLI(EditorModule, EditDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+    # The data module shards each global edit batch itself (see shard_batch), so Lightning must not
+    # replace its sampler with a DistributedSampler.
+    return HorseCLI(EditorModule, EditDataModule, args=args, run=run, save_config_kwargs={"overwrite": True},
+                    trainer_defaults={"use_distributed_sampler": False})
 
 
 def main(args=None) -> None:

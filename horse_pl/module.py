@@ -14,13 +14,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from horse_pl.data.datamodule import EVAL_VIEWS
+from horse_pl.data.datamodule import EVAL_VIEWS, shard_batch
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
 from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.lm import answer_ce, answer_logits
 from horse_pl.editing.shifts import applied
-from horse_pl.editing.spread import GramSchmidtSpread, Spread
+from horse_pl.editing.spread import GramSchmidtSpread, Spread, _identity, distributed_sum
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.metrics import make_metrics, update_metrics
 from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
@@ -133,15 +133,28 @@ class EditorModule(L.LightningModule):
         yield
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
+    @property
+    def all_reduce(self):
+        """Sum across DDP processes (identity in a single process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return _identity
+        return distributed_sum
+
+    def _local(self, batch: dict) -> dict:
+        if self._trainer is None:
+            return batch
+        return shard_batch(batch, self.trainer.global_rank, self.trainer.world_size)
+
     def compute_shifts(self, micro_batches, training: bool = False, times: dict | None = None) -> tuple:
         """Capture, (normaliser update when training), predict, spread, solve: this batch's parameter shifts."""
         times = {} if times is None else times
+        reduce = self.all_reduce
         with self._timed(times, "capture"):
             cap = self.editor.capture(self.lm, self.edit_modules, micro_batches)
         with self._timed(times, "predict"):
             if training:
-                self.editor.update_normalizer(cap)
-            state = self.editor.param_shifts(cap, requires_grad=training)
+                self.editor.update_normalizer(cap, reduce if reduce is not _identity else None)
+            state = self.editor.param_shifts(cap, reduce, requires_grad=training)
         return cap, state
 
     def meta_losses(self, batch: dict, state: EditState) -> dict[str, float]:
@@ -169,14 +182,24 @@ class EditorModule(L.LightningModule):
         return {"gen_loss": gen_total, "loc_loss": loc_total}
 
     # --------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            # Editor gradients are summed across processes explicitly (Editor.backward); DDP's reducer
+            # would average after the first of the chunked backward passes instead.
+            self.trainer.strategy.model.require_backward_grad_sync = False
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         times: dict[str, float] = {}
         optimizer = self.optimizers()
-        cap, state = self.compute_shifts(batch["edit"], training=True, times=times)
+        local, reduce = self._local(batch), self.all_reduce
+        cap, state = self.compute_shifts(local["edit"], training=True, times=times)
         with self._timed(times, "losses"):
-            losses = self.meta_losses(batch, state)
+            losses = self.meta_losses(local, state)
         with self._timed(times, "update"):
-            self.editor.backward(cap, state, [s.grad for s in state.param_shifts])
+            shift_grads = [reduce(s.grad) for s in state.param_shifts]  # G_W of the global loss
+            self.editor.backward(cap, state, shift_grads, reduce)
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -201,8 +224,8 @@ class EditorModule(L.LightningModule):
     # ------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, metrics) -> None:
         # the unedited model's scores are computed once, on the first full evaluation
-        result = edit_and_score(self.editor, self.lm, self.edit_modules, batch, EVAL_VIEWS,
-                                score_before=not self._baseline_done)
+        result = edit_and_score(self.editor, self.lm, self.edit_modules, self._local(batch), EVAL_VIEWS,
+                                score_before=not self._baseline_done, all_reduce=self.all_reduce)
         if result.values_before is not None:
             update_metrics(self.pre_metrics, result.values_before)
         update_metrics(metrics, result.values_after)

@@ -79,10 +79,11 @@ def _toy_editor(spread, update, learn_lambda, chunk_size, shapes=((6, 4),) * 3):
     return editor
 
 
+@pytest.mark.parametrize("chunk_size", [4, 1000], ids=["chunked", "graph_kept"])
 @pytest.mark.parametrize("spread_cls", [GramSchmidtSpread, ReferenceSpread, NoSpread])
 @pytest.mark.parametrize("update_cls,learn_lambda", [(ClosedFormUpdate, True), (ClosedFormUpdate, False),
                                                     (OuterProductUpdate, False)])
-def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, learn_lambda):
+def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, learn_lambda, chunk_size):
     n = 11
     g = torch.Generator().manual_seed(2)
     cap = Capture(keys=[torch.randn(n, 6, generator=g, dtype=torch.float64) for _ in range(3)],
@@ -112,7 +113,7 @@ def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, lear
     expected = {name: p.grad.clone() for name, p in ref.named_parameters() if p.grad is not None}
 
     # (b) our path: shifts without graph, G_W from the loss, chunked backward
-    ours = _toy_editor(spread_cls(), update_cls(), learn_lambda, chunk_size=4)
+    ours = _toy_editor(spread_cls(), update_cls(), learn_lambda, chunk_size=chunk_size)
     state = ours.param_shifts(cap, requires_grad=True)
     state.param_shifts = [s.double().detach().requires_grad_(True) for s in state.param_shifts]
     meta_loss(state.param_shifts).backward()

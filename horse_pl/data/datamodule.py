@@ -84,6 +84,29 @@ class EditCollator:
         return batch
 
 
+def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
+    """This process's part of a global edit batch under DDP: micro-batches ``rank::world_size`` of every view.
+
+    Every process collates the same global edit batch, so the micro-batches, and with them every loss
+    term, are exactly those of one process on the whole batch; sums all-reduced across processes then
+    give the single-process result.
+    """
+    if world_size == 1:
+        return batch
+    out = dict(batch)
+    for key, micro_batches in batch.items():
+        if isinstance(micro_batches, list):
+            rows, start, kept = batch[f"{key}_rows"], 0, []
+            for i, mb in enumerate(micro_batches):
+                n = mb["input_ids"].shape[0]
+                if i % world_size == rank:
+                    kept.append(rows[start:start + n])
+                start += n
+            out[key] = micro_batches[rank::world_size]
+            out[f"{key}_rows"] = torch.cat(kept) if kept else rows[:0]
+    return out
+
+
 class EditBatchSampler(Sampler[list[int]]):
     """Yields lists of ``n_edits`` record indices, reshuffled every epoch from ``seed``.
 

@@ -25,10 +25,11 @@ class EditState:
     """Everything one edit batch produces, kept for the hypernetwork's backward pass."""
 
     update_keys: list[torch.Tensor]
-    residuals: list[torch.Tensor]  # before the spread
+    residuals: list[torch.Tensor]  # before the spread; carry the hypernetwork graph when it was kept
     spread_residuals: list[torch.Tensor]
     param_shifts: list[torch.Tensor]  # fp32, (d_in, d_out)
     diagnostics: dict[str, float] = field(default_factory=dict)
+    graph: tuple | None = None  # (update keys, residuals) with the hypernetwork graph, when kept
 
 
 class Editor(nn.Module):
@@ -96,10 +97,11 @@ class Editor(nn.Module):
         pseudo_keys, pseudo_grads = self.hypernet(keys, grads, position)
         return self.update.residuals(keys, pseudo_keys, pseudo_grads, self.hypernet.lr(position))
 
-    def predict(self, cap: Capture) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Update keys and residuals of every edit module, computed in row chunks without a graph."""
+    def predict(self, cap: Capture, keep_graph: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Update keys and residuals of every edit module, computed in row chunks; with ``keep_graph``
+        (all rows in one chunk) the hypernetwork graph is kept so the backward pass need not recompute it."""
         update_keys, residuals = [], []
-        with torch.no_grad():
+        with torch.set_grad_enabled(keep_graph):
             for position in range(self.n_modules):
                 parts = [self._residual_rows(cap, position, slice(s, s + self.chunk_size))
                          for s in range(0, cap.n_rows, self.chunk_size)]
@@ -109,7 +111,9 @@ class Editor(nn.Module):
 
     def param_shifts(self, cap: Capture, all_reduce: AllReduce = _identity, requires_grad: bool = False) -> EditState:
         """Predict, spread and solve: the parameter shifts for this edit batch."""
-        update_keys, residuals = self.predict(cap)
+        keep_graph = requires_grad and cap.n_rows <= self.chunk_size
+        graph_keys, graph_residuals = self.predict(cap, keep_graph)
+        update_keys, residuals = [k.detach() for k in graph_keys], [r.detach() for r in graph_residuals]
         spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
         shifts = []
         for position in range(self.n_modules):
@@ -123,39 +127,55 @@ class Editor(nn.Module):
             diagnostics[f"cos_{layer}_{layer + 1}/after"] = a
         for layer, r in enumerate(spread_residuals):
             diagnostics[f"residual_norm/{layer}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
-        return EditState(update_keys, residuals, spread_residuals, shifts, diagnostics)
+        state = EditState(update_keys, residuals, spread_residuals, shifts, diagnostics)
+        if keep_graph:
+            state.graph = (graph_keys, graph_residuals)
+        return state
 
     def backward(self, cap: Capture, state: EditState, shift_grads: Sequence[torch.Tensor],
                  all_reduce: AllReduce = _identity) -> None:
-        """Accumulate hypernetwork gradients of the meta-loss, given ``G_W`` for each shift."""
-        d_spread, d_keys = [], []
+        """Accumulate hypernetwork gradients of the meta-loss, given the global ``G_W`` of each shift.
+
+        Under DDP each process backpropagates its own rows; the parameter gradients are then summed
+        across processes (``all_reduce``), and the lambda gradient, already global, is added once.
+        """
+        d_spread, d_keys, d_lambda = [], [], []
         for position in range(self.n_modules):
             grads = self.update.shift_grads(state.update_keys[position], state.spread_residuals[position],
                                             self.hypernet.log_lambda(position), state.param_shifts[position].detach(),
                                             shift_grads[position], all_reduce)
             d_spread.append(grads.residuals)
             d_keys.append(grads.update_keys)
-            if self.learn_lambda and grads.log_lambda is not None:
-                net, idx = self.hypernet.net(position)
-                if net.lamda.weight.grad is None:
-                    net.lamda.weight.grad = torch.zeros_like(net.lamda.weight)
-                net.lamda.weight.grad[idx, 0] += grads.log_lambda
+            d_lambda.append(grads.log_lambda)
         # Through the spread: autograd on the full residual tensors (N x d_out per layer, small).
         leaves = [r.detach().requires_grad_(True) for r in state.residuals]
         with torch.enable_grad():
             spread = self.spread(leaves, cap.value_grads, all_reduce)
             d_residuals = torch.autograd.grad(spread, leaves, grad_outputs=d_spread, allow_unused=True)
-        # Through the hypernetwork, chunk by chunk.
+        # Through the hypernetwork: the kept graph, or chunk by chunk, recomputing each chunk's forward.
         for position in range(self.n_modules):
             d_res = d_residuals[position] if d_residuals[position] is not None else torch.zeros_like(leaves[position])
             for start in range(0, cap.n_rows, self.chunk_size):
                 rows = slice(start, start + self.chunk_size)
                 with torch.enable_grad():
-                    update_keys, residuals = self._residual_rows(cap, position, rows)
+                    if state.graph is not None:
+                        update_keys, residuals = state.graph[0][position], state.graph[1][position]
+                    else:
+                        update_keys, residuals = self._residual_rows(cap, position, rows)
                     surrogate = (d_res[rows] * residuals).sum()
                     if d_keys[position] is not None:
                         surrogate = surrogate + (d_keys[position][rows] * update_keys).sum()
                 surrogate.backward()
+        if all_reduce is not _identity:
+            for param in self.parameters():
+                if param.grad is not None:
+                    param.grad = all_reduce(param.grad)
+        for position, grad in enumerate(d_lambda):
+            if self.learn_lambda and grad is not None:
+                net, idx = self.hypernet.net(position)
+                if net.lamda.weight.grad is None:
+                    net.lamda.weight.grad = torch.zeros_like(net.lamda.weight)
+                net.lamda.weight.grad[idx, 0] += grad
 
 
 def merge_moments(stats, all_reduce: AllReduce):

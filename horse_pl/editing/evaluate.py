@@ -10,6 +10,7 @@ from torch import nn
 
 from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.shifts import applied
+from horse_pl.editing.spread import AllReduce, _identity
 from horse_pl.metrics import SequenceScores, compute_scores, score_batch, score_view
 
 
@@ -25,11 +26,11 @@ class BatchResult:
 
 
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: dict,
-                   views: Sequence[str], score_before: bool = True) -> BatchResult:
+                   views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = _identity) -> BatchResult:
     """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or only the locality view, which
     LS_agree needs) and with the shifts applied; the model is left unedited."""
     cap = editor.capture(lm, modules, batch["edit"])
-    state = editor.param_shifts(cap)
+    state = editor.param_shifts(cap, all_reduce)
     views = tuple(v for v in views if batch.get(v))
     if score_before:
         before = score_batch(lm, batch, views)

@@ -18,6 +18,13 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def distributed_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum across processes; differentiable, so the spread's backward pass is global too."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return dist_fn.all_reduce(x)
+
+
 def _inner(a: torch.Tensor, b: torch.Tensor, all_reduce: AllReduce) -> torch.Tensor:
     return all_reduce((a * b).sum())
 
