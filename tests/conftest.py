@@ -3,9 +3,11 @@ tokenizer, saved as folders so they load through the same path as any Hugging Fa
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,17 @@ CF_TRAIN = SHARED / "counterfact" / "counterfact_train_10k.json.gz"
 CF_EVAL = SHARED / "counterfact" / "counterfact_eval_10k.json.gz"
 CF_ROME = SHARED / "counterfact" / "counterfact_rome_format_sample.json.gz"
 KNOWEDIT = SHARED / "knowedit"
+
+
+@functools.cache
+def small_zsre() -> tuple[str, str]:
+    """The first 300 training (2 with an empty target) and 40 evaluation zsRE records, written to a
+    temporary folder once per session, for tests that train on tiny models."""
+    folder = Path(tempfile.mkdtemp(prefix="horse_pl-zsre-"))
+    train, evaluation = folder / "train.json", folder / "eval.json"
+    train.write_text(json.dumps(json.load(gzip.open(ZSRE_TRAIN))[:300]))
+    evaluation.write_text(json.dumps(json.load(gzip.open(ZSRE_EVAL))[:40]))
+    return str(train), str(evaluation)
 
 
 def _corpus() -> list[str]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ZSRE_EVAL, ZSRE_TRAIN
+from conftest import small_zsre
 
 from horse_pl.cli import cli, main
 
@@ -22,7 +22,7 @@ def _args(model: str, root: Path, steps: int, method: str = "horse", **extra) ->
         "--trainer.default_root_dir", str(root),
         "--model.model", model, "--model.edit_modules", "last:2", "--model.rank", "8", "--model.lr", "1e-3",
         "--model.meta_lr", "1e-3",
-        "--data.train_path", str(ZSRE_TRAIN), "--data.val_path", str(ZSRE_EVAL), "--data.dataset", "zsre",
+        "--data.train_path", small_zsre()[0], "--data.val_path", small_zsre()[1], "--data.dataset", "zsre",
         "--data.n_edits", "8", "--data.batch_size", "4", "--data.val_limit", "16", "--data.max_length", "1024",
     ]
     if method == "malmen":
