@@ -35,7 +35,7 @@ def run_edit(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"'{out}' already exists; choose another --out or pass --overwrite.")
-    requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid)
+    requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid, limit=args.limit)
     if report.n_invalid:
         print(f"skipped invalid requests: {report.summary()}", file=sys.stderr)
     unique = {(r.prompt, r.target) for r in requests}
@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (edited model) or file (delta)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid requests (counted) instead of failing")
+    p.add_argument("--limit", type=int, default=None, help="edit only the first N records of --requests")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward/backward micro-batch")
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + answer in tokens")
     p.add_argument("--dtype", default="float32", help="dtype of the base model")

@@ -7,6 +7,7 @@ Exports are reproducible: the same checkpoint gives the same bytes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -120,14 +121,24 @@ def load_editor(folder: str | Path) -> tuple[Editor, EditorConfig]:
     return editor, config
 
 
+def _stage(value, default: type):
+    """A stage as saved in a checkpoint: an instance, None (the default) or the CLI's class_path dict."""
+    if value is None:
+        return default()
+    if isinstance(value, dict):
+        module_name, _, class_name = value["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module_name), class_name)(**(value.get("init_args") or {}))
+    return value
+
+
 def config_from_checkpoint(checkpoint: dict) -> EditorConfig:
     """The editor config of a Lightning checkpoint written by :class:`~horse_pl.module.EditorModule`."""
     hp = checkpoint["hyper_parameters"]
     meta = checkpoint.get("horse_pl")
     if meta is None:
         raise EditorLoadError("This checkpoint was not written by horse_pl's EditorModule (no 'horse_pl' entry).")
-    spread = hp.get("spread") or GramSchmidtSpread()
-    update = hp.get("update") or ClosedFormUpdate()
+    spread = _stage(hp.get("spread"), GramSchmidtSpread)
+    update = _stage(hp.get("update"), ClosedFormUpdate)
     data = checkpoint.get("datamodule_hyper_parameters", {})
     training = {k: data.get(k) for k in ("train_path", "dataset", "n_edits", "batch_size", "seed")}
     if data.get("train_path") and Path(data["train_path"]).is_file():

@@ -21,7 +21,9 @@ edit_main = pytest.importorskip("edit").main
 @pytest.fixture(scope="module")
 def editor_dir(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("editor")
-    cli(["fit"] + _args(tiny_llama, root / "run", steps=3, **{"trainer.limit_val_batches": 0})
+    # the spread given explicitly, as a recipe does: the checkpoint then stores it as a class_path dict
+    explicit = {"trainer.limit_val_batches": 0, "model.spread": "horse_pl.editing.spread.GramSchmidtSpread"}
+    cli(["fit"] + _args(tiny_llama, root / "run", steps=3, **explicit)
         + _checkpoint_every_step(root / "ckpt"))
     assert export_main(["--ckpt_path", str(root / "ckpt" / "last.ckpt"), "--out", str(root / "editor")]) == 0
     return root
