@@ -17,7 +17,8 @@ from pathlib import Path
 from horse_pl.api import KnowledgeEditor, apply_delta
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, load_requests
 from horse_pl.data.tokenize import TokenizationError
-from horse_pl.export import EditorLoadError, _write_atomic_dir
+from horse_pl.export import EditorLoadError
+from horse_pl.io import write_atomic_dir
 from horse_pl.models import load_model
 
 USER_ERRORS = (RecordError, TokenizationError, EditorLoadError, FileExistsError, FileNotFoundError,
@@ -57,7 +58,7 @@ def run_edit(args: argparse.Namespace) -> None:
             ke.model.save_pretrained(folder, safe_serialization=True)
             ke.tokenizer.save_pretrained(folder)
             (folder / "edit_report.json").write_text(json.dumps(edit_report, indent=2))
-        _write_atomic_dir(out, write, args.overwrite)
+        write_atomic_dir(out, write, "replace" if args.overwrite else "error")
     ke.timings["save"] = time.perf_counter() - start
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ke.timings.items()))
     print(f"wrote {out}")
@@ -74,7 +75,7 @@ def run_delta(args: argparse.Namespace, sign: float) -> None:
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-    _write_atomic_dir(out, write, args.overwrite)
+    write_atomic_dir(out, write, "replace" if args.overwrite else "error")
     print(f"wrote {out}")
 
 

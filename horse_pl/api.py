@@ -22,7 +22,8 @@ from horse_pl.data.records import EditRequest, RecordError
 from horse_pl.edit_modules import get_modules, resolve_edit_modules
 from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.shifts import merge
-from horse_pl.export import EditorLoadError, _write_atomic_dir, load_editor
+from horse_pl.export import EditorLoadError, load_editor
+from horse_pl.io import write_atomic_dir
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
 
@@ -109,7 +110,7 @@ class KnowledgeEditor:
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder, safe_serialization=True)
             self.tokenizer.save_pretrained(folder)
-        _write_atomic_dir(Path(out), write, overwrite)
+        write_atomic_dir(out, write, "replace" if overwrite else "error")
         return Path(out)
 
     def save_delta(self, shifts: Sequence[torch.Tensor], out: str | Path, requests_sha256: str = "",

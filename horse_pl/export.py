@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -23,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from horse_pl.editing.editor import Editor
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
+from horse_pl.io import write_atomic_dir
 from horse_pl.models import parse_dtype
 
 SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
@@ -75,22 +73,6 @@ def build_editor(config: EditorConfig) -> Editor:
                   config.chunk_size, parse_dtype(config.cache_dtype))
 
 
-def _write_atomic_dir(out: Path, write, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"'{out}' already exists; choose another --out or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_editor(editor: Editor, config: EditorConfig, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``out`` atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in sorted(editor.state_dict().items())}
@@ -99,7 +81,7 @@ def save_editor(editor: Editor, config: EditorConfig, out: str | Path, overwrite
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "horse_pl-editor"})
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
 
-    _write_atomic_dir(Path(out), write, overwrite)
+    write_atomic_dir(out, write, "replace" if overwrite else "error")
     return Path(out)
 
 

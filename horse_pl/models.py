@@ -11,14 +11,14 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from horse_pl.io import write_atomic_dir
 
 DEFAULT_MODEL = "embedded:smollm2-135m"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -86,22 +86,6 @@ def _embedded(name: str) -> tuple[str, EmbeddedModel]:
     return key, entry
 
 
-def _atomic_save(target: Path, save: Callable[[Path], None]) -> None:
-    """Write into a temporary sibling folder, then rename, so a crash never leaves a half cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    os.chmod(tmp, 0o755)
-    try:
-        save(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _embedded_folder(name: str, part: str) -> Path:
     """Return the cached ``tokenizer`` or ``model`` folder of an embedded model, converting it on first use."""
     key, entry = _embedded(name)
@@ -111,7 +95,7 @@ def _embedded_folder(name: str, part: str) -> Path:
     gguf = entry.locate()
     if part == "tokenizer":
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _atomic_save(target, tok.save_pretrained)
+        write_atomic_dir(target, tok.save_pretrained, if_exists="keep")
     else:
         from transformers import GgufConfig
 
@@ -125,7 +109,7 @@ def _embedded_folder(name: str, part: str) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = name
-        _atomic_save(target, lambda d: model.save_pretrained(d, safe_serialization=True))
+        write_atomic_dir(target, lambda d: model.save_pretrained(d, safe_serialization=True), if_exists="keep")
     return target
 
 
