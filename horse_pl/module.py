@@ -207,9 +207,10 @@ class EditorModule(L.LightningModule):
 
     def _log_step(self, batch, edit_loss, losses, state, times) -> None:
         n = batch["n_edits"]
-        self.log("train/gen_loss", losses["gen_loss"], prog_bar=True, batch_size=n)
-        self.log("train/loc_loss", losses["loc_loss"], prog_bar=True, batch_size=n)
-        self.log("train/edit_loss_before", edit_loss, batch_size=n)
+        # each process holds some micro-batches: the logged losses are sums over all of them
+        self.log("train/gen_loss", losses["gen_loss"], prog_bar=True, batch_size=n, sync_dist=True, reduce_fx="sum")
+        self.log("train/loc_loss", losses["loc_loss"], prog_bar=True, batch_size=n, sync_dist=True, reduce_fx="sum")
+        self.log("train/edit_loss_before", edit_loss, batch_size=n, sync_dist=True, reduce_fx="mean")
         self.log("edits", float((self.global_step) * n), prog_bar=True, batch_size=n)
         for position in range(self.editor.n_modules):
             layer = layer_index(self.module_names[position])
