@@ -70,9 +70,9 @@ def agreement(before: SequenceScores, after: SequenceScores) -> torch.Tensor:
 
 def _aligned(first: SequenceScores, second: SequenceScores) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean log-probs of the requests present in both views, in matching order."""
-    common = [r for r in first.rows.tolist() if r in set(second.rows.tolist())]
     pos_a = {r: i for i, r in enumerate(first.rows.tolist())}
     pos_b = {r: i for i, r in enumerate(second.rows.tolist())}
+    common = [r for r in pos_a if r in pos_b]
     idx_a = torch.tensor([pos_a[r] for r in common], dtype=torch.long)
     idx_b = torch.tensor([pos_b[r] for r in common], dtype=torch.long)
     return first.mean_logprob[idx_a], second.mean_logprob[idx_b]

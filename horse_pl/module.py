@@ -169,7 +169,7 @@ class EditorModule(L.LightningModule):
             for mb in batch["rephrase"]:
                 loss = answer_ce(self.lm, mb)
                 self.manual_backward(loss)
-                gen_total += float(loss)
+                gen_total += float(loss.detach())
             for i, mb in enumerate(batch["locality"]):
                 if hp.locality == "ce":
                     loss = answer_ce(self.lm, mb)
@@ -178,7 +178,7 @@ class EditorModule(L.LightningModule):
                     base = torch.log_softmax(base_logits[i], -1)
                     loss = F.kl_div(torch.log_softmax(logits, -1), base, log_target=True, reduction="batchmean")
                 self.manual_backward(hp.loc_coef * loss)
-                loc_total += float(loss)
+                loc_total += float(loss.detach())
         return {"gen_loss": gen_total, "loc_loss": loc_total}
 
     # --------------------------------------------------------------- training
