@@ -30,6 +30,7 @@ class EditState:
     param_shifts: list[torch.Tensor]  # fp32, (d_in, d_out)
     diagnostics: dict[str, float] = field(default_factory=dict)
     graph: tuple | None = None  # (update keys, residuals) with the hypernetwork graph, when kept
+    factors: list | None = None  # the update stage's per-module solve factors, reused by the backward pass
 
 
 class Editor(nn.Module):
@@ -116,9 +117,11 @@ class Editor(nn.Module):
         update_keys, residuals = [k.detach() for k in graph_keys], [r.detach() for r in graph_residuals]
         spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
         shifts = []
+        factors = [self.update.factor(update_keys[p], self.hypernet.log_lambda(p), all_reduce)
+                   for p in range(self.n_modules)]
         for position in range(self.n_modules):
             shift = self.update.param_shift(update_keys[position], spread_residuals[position],
-                                            self.hypernet.log_lambda(position), all_reduce)
+                                            self.hypernet.log_lambda(position), all_reduce, factors[position])
             shifts.append(shift.detach().requires_grad_(requires_grad))
         diagnostics = {}
         before, after = layer_cosines(residuals, all_reduce), layer_cosines(spread_residuals, all_reduce)
@@ -127,7 +130,7 @@ class Editor(nn.Module):
             diagnostics[f"cos_{layer}_{layer + 1}/after"] = a
         for layer, r in enumerate(spread_residuals):
             diagnostics[f"residual_norm/{layer}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
-        state = EditState(update_keys, residuals, spread_residuals, shifts, diagnostics)
+        state = EditState(update_keys, residuals, spread_residuals, shifts, diagnostics, factors=factors)
         if keep_graph:
             state.graph = (graph_keys, graph_residuals)
         return state
@@ -143,7 +146,8 @@ class Editor(nn.Module):
         for position in range(self.n_modules):
             grads = self.update.shift_grads(state.update_keys[position], state.spread_residuals[position],
                                             self.hypernet.log_lambda(position), state.param_shifts[position].detach(),
-                                            shift_grads[position], all_reduce)
+                                            shift_grads[position], all_reduce,
+                                            state.factors[position] if state.factors else None)
             d_spread.append(grads.residuals)
             d_keys.append(grads.update_keys)
             d_lambda.append(grads.log_lambda)

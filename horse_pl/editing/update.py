@@ -44,11 +44,16 @@ class ParamShiftUpdate:
         """Return (update keys, residuals) from the captured keys and the hypernetwork's outputs."""
         raise NotImplementedError
 
-    def param_shift(self, update_keys, residuals, log_lambda, all_reduce: AllReduce = _identity) -> torch.Tensor:
+    def factor(self, update_keys, log_lambda, all_reduce: AllReduce = _identity):
+        """Whatever the solve needs that both ``param_shift`` and ``shift_grads`` of one step share (or None)."""
+        return None
+
+    def param_shift(self, update_keys, residuals, log_lambda, all_reduce: AllReduce = _identity,
+                    factor=None) -> torch.Tensor:
         raise NotImplementedError
 
     def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad,
-                    all_reduce: AllReduce = _identity) -> ShiftGrads:
+                    all_reduce: AllReduce = _identity, factor=None) -> ShiftGrads:
         raise NotImplementedError
 
 
@@ -61,20 +66,20 @@ class ClosedFormUpdate(ParamShiftUpdate):
     def residuals(self, keys, pseudo_keys, pseudo_grads, lr):
         return keys, -lr * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
 
-    @staticmethod
-    def _cholesky(keys: torch.Tensor, log_lambda: torch.Tensor, all_reduce: AllReduce) -> torch.Tensor:
-        keys = _f(keys)
+    def factor(self, update_keys, log_lambda, all_reduce=_identity):
+        """Cholesky factor of ``S = K^T K + exp(lambda) I`` (``K^T K`` summed across processes)."""
+        keys = _f(update_keys)
         gram = all_reduce(keys.T @ keys)
         gram.diagonal().add_(torch.exp(log_lambda.detach().to(keys.dtype)))
         return torch.linalg.cholesky(gram)
 
-    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity):
-        chol = self._cholesky(update_keys, log_lambda, all_reduce)
+    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity, factor=None):
+        chol = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
         rhs = all_reduce(_f(update_keys).T @ _f(residuals))
         return torch.cholesky_solve(rhs, chol)
 
-    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity):
-        chol = self._cholesky(update_keys, log_lambda, all_reduce)
+    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity, factor=None):
+        chol = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
         solved = torch.cholesky_solve(_f(shift_grad), chol)  # S^-1 G_W
         d_residuals = _f(update_keys) @ solved
         d_lambda = -torch.exp(log_lambda.detach()) * (solved * shift).sum()
@@ -89,9 +94,9 @@ class OuterProductUpdate(ParamShiftUpdate):
     def residuals(self, keys, pseudo_keys, pseudo_grads, lr):
         return pseudo_keys, -lr * pseudo_grads
 
-    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity):
+    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity, factor=None):
         return all_reduce(_f(update_keys).T @ _f(residuals))
 
-    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity):
+    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity, factor=None):
         g = _f(shift_grad)
         return ShiftGrads(residuals=_f(update_keys) @ g, update_keys=_f(residuals) @ g.T)
