@@ -79,8 +79,9 @@ class KnowledgeEditor:
             raise RecordError("There are no valid edit requests to apply.")
         start = time.perf_counter()
         batch = self.batches(requests, batch_size, max_length)
-        result = edit_and_score(self.editor, self.model, self.modules, batch, EVAL_VIEWS, score_before=True)
-        self.timings["edit_and_score"] = time.perf_counter() - start
+        self.timings["tokenize"] = time.perf_counter() - start
+        result = edit_and_score(self.editor, self.model, self.modules, batch, EVAL_VIEWS, score_before=True,
+                                timings=self.timings)
         if merge_shifts:
             start = time.perf_counter()
             self.fingerprints = (model_fingerprint(self.model), None)

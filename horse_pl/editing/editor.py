@@ -8,6 +8,7 @@ hypernetwork in row chunks so memory stays bounded for thousands of edits.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -110,12 +111,17 @@ class Editor(nn.Module):
                 residuals.append(torch.cat([p[1] for p in parts]))
         return update_keys, residuals
 
-    def param_shifts(self, cap: Capture, all_reduce: AllReduce = _identity, requires_grad: bool = False) -> EditState:
-        """Predict, spread and solve: the parameter shifts for this edit batch."""
+    def param_shifts(self, cap: Capture, all_reduce: AllReduce = _identity, requires_grad: bool = False,
+                     timings: dict[str, float] | None = None) -> EditState:
+        """Predict, spread and solve: the parameter shifts for this edit batch (``timings`` gets the seconds
+        of ``predict``, ``spread`` and ``solve``)."""
+        clock = _Clock(timings, cap.keys[0].device)
         keep_graph = requires_grad and cap.n_rows <= self.chunk_size
         graph_keys, graph_residuals = self.predict(cap, keep_graph)
         update_keys, residuals = [k.detach() for k in graph_keys], [r.detach() for r in graph_residuals]
+        clock("predict")
         spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
+        clock("spread")
         shifts = []
         factors = [self.update.factor(update_keys[p], self.hypernet.log_lambda(p), all_reduce)
                    for p in range(self.n_modules)]
@@ -123,6 +129,7 @@ class Editor(nn.Module):
             shift = self.update.param_shift(update_keys[position], spread_residuals[position],
                                             self.hypernet.log_lambda(position), all_reduce, factors[position])
             shifts.append(shift.detach().requires_grad_(requires_grad))
+        clock("solve")
         diagnostics = {}
         before, after = layer_cosines(residuals, all_reduce), layer_cosines(spread_residuals, all_reduce)
         for layer, (b, a) in enumerate(zip(before, after)):
@@ -180,6 +187,23 @@ class Editor(nn.Module):
                 if net.lamda.weight.grad is None:
                     net.lamda.weight.grad = torch.zeros_like(net.lamda.weight)
                 net.lamda.weight.grad[idx, 0] += grad
+
+
+class _Clock:
+    """Adds the seconds since the previous call to ``timings[name]`` (synchronising CUDA first)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def merge_moments(stats, all_reduce: AllReduce):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,11 +27,17 @@ class BatchResult:
 
 
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: dict,
-                   views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = _identity) -> BatchResult:
+                   views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = _identity,
+                   timings: dict[str, float] | None = None) -> BatchResult:
     """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or only the locality view, which
-    LS_agree needs) and with the shifts applied; the model is left unedited."""
+    LS_agree needs) and with the shifts applied; the model is left unedited. ``timings`` receives the
+    seconds of capture, predict, spread, solve, score_before and score_after."""
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
     cap = editor.capture(lm, modules, batch["edit"])
-    state = editor.param_shifts(cap, all_reduce)
+    timings["capture"] = time.perf_counter() - start
+    state = editor.param_shifts(cap, all_reduce, timings=timings)
+    start = time.perf_counter()
     views = tuple(v for v in views if batch.get(v))
     if score_before:
         before = score_batch(lm, batch, views)
@@ -38,7 +45,10 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     else:
         before = None
         locality_before = score_view(lm, batch["locality"], batch["locality_rows"]) if batch.get("locality") else None
+    timings["score_before"] = time.perf_counter() - start
+    start = time.perf_counter()
     with applied(modules, state.param_shifts):
         after = score_batch(lm, batch, views)
+    timings["score_after"] = time.perf_counter() - start
     values_before = compute_scores(before, locality_before) if before is not None else None
     return BatchResult(state, before, after, values_before, compute_scores(after, locality_before))
