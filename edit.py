@@ -4,6 +4,7 @@
     python edit.py --editor editors/zsre-smollm2 --requests my_edits.json --out edits.delta.safetensors --delta
     python edit.py apply-delta --model embedded:smollm2-135m --delta edits.delta.safetensors --out edited-model/
     python edit.py revert-delta --model edited-model/ --delta edits.delta.safetensors --out restored-model/
+    python edit.py --sequential --config configs/mose_smollm2_counterfact.yaml --out runs/mose-cf/
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from horse_pl.io import write_atomic_dir
 from horse_pl.models import load_model
 
 USER_ERRORS = (RecordError, TokenizationError, EditorLoadError, FileExistsError, FileNotFoundError,
-               ModuleNotFoundError)
+               ModuleNotFoundError, ValueError)
 
 
 def _print_table(summary: dict) -> None:
@@ -79,6 +80,61 @@ def run_delta(args: argparse.Namespace, sign: float) -> None:
     print(f"wrote {out}")
 
 
+def run_sequential(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from horse_pl.sequential.runner import SequentialConfig, SequentialRun
+
+    requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid, limit=args.limit)
+    if not requests:
+        raise RecordError(f"{args.requests} has no valid edit requests.")
+    if report.n_invalid:
+        print(f"skipped invalid requests: {report.summary()}", file=sys.stderr)
+    cfg = SequentialConfig(**{f.name: getattr(args, f.name) for f in fields(SequentialConfig)
+                              if getattr(args, f.name, None) is not None})
+    cfg.extra = {"requests": str(args.requests), "requests_sha256": file_sha256(args.requests), "limit": args.limit}
+    start = time.perf_counter()
+
+    def write(folder: Path) -> None:
+        result = SequentialRun(cfg, requests, folder).run()
+        names = [n for n in ("efficacy", "paraphrase", "neighborhood", "ES", "GS", "LS") if n in result["unedited"]]
+        print(f"{'method':<8}{'when':<12}" + "".join(f"{n:>13}" for n in names) + f"{'retention':>11}{'seconds':>9}")
+        print(f"{'-':<8}{'unedited':<12}" + "".join(f"{result['unedited'][n]:>13.3f}" for n in names))
+        for method, res in result["methods"].items():
+            for when in ("post", "after_post"):
+                row = "".join(f"{res[when].get(n, float('nan')):>13.3f}" for n in names)
+                extra = (f"{res['retention']['mean']:>11.3f}" if "retention" in res else f"{'':>11}") + \
+                    f"{res['sequence_seconds']:>9.0f}" if when == "after_post" else ""
+                print(f"{method:<8}{when:<12}{row}{extra}")
+    write_atomic_dir(args.out, write, "replace" if args.overwrite else "error")
+    print(f"wrote {args.out} (sequential_report.json, diagnostics.png, tb/) in {time.perf_counter() - start:.0f} s")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """Defaults from a YAML recipe (``--config``); keys are the long option names (dashes or underscores)."""
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    path = Path(known.config)
+    if not path.exists():
+        raise FileNotFoundError(f"Config file '{path}' does not exist; check the path given to --config.")
+    values = yaml.safe_load(path.read_text()) or {}
+    dests = {a.dest for a in p._actions}
+    unknown = [k for k in values if k.replace("-", "_") not in dests]
+    if unknown:
+        raise EditorLoadError(f"Config file '{path}' has unknown keys {unknown}; use the long option names of "
+                              "'python edit.py --help'.")
+    p.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", nargs="?", default="edit", choices=("edit", "apply-delta", "revert-delta"))
@@ -96,13 +152,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + answer in tokens")
     p.add_argument("--dtype", default="float32", help="dtype of the base model")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda")
+    p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (e.g. configs/mose_*.yaml)")
+    seq = p.add_argument_group("sequential editing (--sequential): edits accumulate request by request")
+    seq.add_argument("--sequential", action="store_true", help="edit the requests one turn after another")
+    seq.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse"),
+                     help="sequential editors to run, each on a fresh base model (default: mose)")
+    seq.add_argument("--edit-modules", help="edited layers (default layers:19-21, the paper's MOSE layers)")
+    seq.add_argument("--turn-size", type=int, help="requests edited per turn (default 1)")
+    seq.add_argument("--diag-every", type=int, help="log stability diagnostics every N edits (default 10)")
+    seq.add_argument("--steps", type=int, help="optimisation steps per turn for mose/ft (default 20)")
+    seq.add_argument("--lr", type=float, help="Adam learning rate for mose/ft (default 5e-4)")
+    seq.add_argument("--n-blocks", type=int, help="MOSE: blocks of the orthogonal matrix (default 4)")
+    seq.add_argument("--radius-scale", type=float, help="MOSE: ball radius = scale * n^2 / sqrt(blocks) (1e-5)")
+    seq.add_argument("--norm-constraint", type=_optional_float,
+                     help="ft: per-turn element-wise bound on the weight change, or none (default 5e-4)")
+    seq.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general; none to skip)")
+    seq.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
+    seq.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
+    seq.add_argument("--seed", type=int, help="random seed (default 0)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
     try:
-        if args.command == "edit":
+        _apply_config(p, argv)
+        args = p.parse_args(argv)
+        if args.general_data is not None and str(args.general_data).lower() == "none":
+            args.general_data = ""
+        if args.sequential:
+            if not args.requests:
+                raise EditorLoadError("--sequential needs --requests.")
+            run_sequential(args)
+        elif args.command == "edit":
             if not args.editor or not args.requests:
                 raise EditorLoadError("edit needs --editor and --requests.")
             args.delta = args.delta is not None

@@ -1,0 +1,205 @@
+"""Sequential editors with one interface, so MOSE and the additive baselines run in the same loop.
+
+- :class:`MoseEditor` (multiplicative): ``W = W0 Q^T`` with ``Q`` block-diagonal orthogonal, each block the
+  Cayley transform of a skew matrix, trained per request with Adam; built on peft's OFT adapter.
+- :class:`FineTuneEditor` (additive): ``W = W0 + dW`` on the same modules, trained the same way (same steps,
+  lr, loss), with the FT-L constraint ``|dW - dW_before| <= norm_constraint`` element-wise per request.
+- :class:`HorseTurnEditor` (additive): a trained HORSE editor applied turn by turn, each turn's shifts
+  merged into the weights before the next.
+
+Every editor exposes ``edit(micro_batches)`` (the ``edit`` view of one turn) and ``weights()``: the current
+effective weight of each edited module in (d_out, d_in) layout, fp32, for the stability diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from horse_pl.edit_modules import get_modules, weight_in_out
+from horse_pl.editing.lm import answer_ce
+from horse_pl.editing.shifts import merge
+
+ADAPTER = "default"
+
+
+def _freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def _optimise(params: Sequence[torch.Tensor], model: nn.Module, micro_batches: Sequence[dict], steps: int, lr: float,
+              after_step=None) -> list[float]:
+    """Per request (turn): a fresh Adam on ``params`` for ``steps`` steps on the targets' NLL given the prompts."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        with torch.enable_grad():
+            for mb in micro_batches:
+                loss = answer_ce(model, mb) / len(micro_batches)
+                loss.backward()
+                total += float(loss.detach())
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        losses.append(total)
+    return losses
+
+
+class MoseEditor:
+    """MOSE, released variant, on peft's OFT adapter (``coft=True``, exact Cayley, no Neumann series).
+
+    Args:
+        model: the LM; OFT layers are injected into it in place (the model stays a plain causal LM).
+        edit_modules: names of the edited linear layers (down-projections).
+        n_blocks: blocks of ``Q`` per layer (``r``); the block size is ``d_in / n_blocks``.
+        steps, lr: Adam steps and learning rate per request.
+        radius_scale: the Frobenius ball radius is ``radius_scale * n^2 / sqrt(n_blocks)`` (n = block size).
+    """
+
+    name = "mose"
+
+    def __init__(self, model: nn.Module, edit_modules: Sequence[str], n_blocks: int = 4, steps: int = 20,
+                 lr: float = 5e-4, radius_scale: float = 1e-5):
+        from peft import OFTConfig, inject_adapter_in_model
+
+        self.model, self.edit_modules = model, list(edit_modules)
+        self.steps, self.lr = steps, lr
+        base = get_modules(model, self.edit_modules)
+        for name, module in zip(self.edit_modules, base):
+            if not isinstance(module, nn.Linear) or module.in_features % n_blocks:
+                raise ValueError(f"MOSE needs nn.Linear edit modules whose input size divides into n_blocks={n_blocks} "
+                                 f"blocks; '{name}' is {type(module).__name__} with input size "
+                                 f"{getattr(module, 'in_features', '?')}; choose other edit_modules or n_blocks.")
+        self.original = [m.weight.detach().float().clone() for m in base]
+        block = base[0].in_features // n_blocks
+        # peft projects onto the ball of radius eps / sqrt(r); MOSE's radius is radius_scale * n^2 / sqrt(r).
+        config = OFTConfig(r=n_blocks, oft_block_size=0, target_modules=self.edit_modules, coft=True,
+                           eps=radius_scale * block ** 2, use_cayley_neumann=False, init_weights=True,
+                           module_dropout=0.0, bias="none")
+        _freeze(model)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        self.layers = get_modules(model, self.edit_modules)
+        self.params = [layer.oft_R[ADAPTER].weight for layer in self.layers]
+        for param in self.params:
+            param.requires_grad_(True)
+        self.radius = [radius_scale * (layer.in_features // n_blocks) ** 2 / math.sqrt(n_blocks)
+                       for layer in self.layers]
+
+    def edit(self, micro_batches: Sequence[dict]) -> list[float]:
+        return _optimise(self.params, self.model, micro_batches, self.steps, self.lr)
+
+    @torch.no_grad()
+    def rotations(self) -> list[torch.Tensor]:
+        """``Q`` of every edited layer (d_in x d_in, block-diagonal), after the ball projection."""
+        return [layer.oft_R[ADAPTER].get_weight().float() for layer in self.layers]
+
+    @torch.no_grad()
+    def weights(self) -> list[torch.Tensor]:
+        # The adapter computes base(x Q): the effective weight is W0 Q^T.
+        return [w0 @ q.T for w0, q in zip(self.original, self.rotations())]
+
+    @torch.no_grad()
+    def skew_norms(self) -> list[torch.Tensor]:
+        """Per layer, the Frobenius norm of each block's skew matrix (the quantity peft's ball bounds)."""
+        out = []
+        for layer in self.layers:
+            rot = layer.oft_R[ADAPTER]
+            out.append(torch.linalg.matrix_norm(rot._pytorch_skew_symmetric(rot.weight, rot.block_size)))
+        return out
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, list[float]]:
+        eye = None
+        errors = []
+        for q in self.rotations():
+            eye = torch.eye(q.shape[0]) if eye is None or eye.shape != q.shape else eye
+            errors.append(float(torch.linalg.matrix_norm(q.T @ q - eye)))
+        return {"orthogonality_error": errors}
+
+
+class FineTuneEditor:
+    """Constrained fine-tuning (FT-L) of the same modules: ``W = W0 + dW``, ``dW`` an fp32 side tensor.
+
+    Each request's Adam steps may move every entry of ``dW`` by at most ``norm_constraint`` from where the
+    request started (``None``: unconstrained), the constraint of ROME's FT-L baseline.
+    """
+
+    name = "ft"
+
+    def __init__(self, model: nn.Module, edit_modules: Sequence[str], steps: int = 20, lr: float = 5e-4,
+                 norm_constraint: float | None = 5e-4):
+        self.model, self.edit_modules = model, list(edit_modules)
+        self.steps, self.lr, self.norm_constraint = steps, lr, norm_constraint
+        _freeze(model)
+        self.layers = get_modules(model, self.edit_modules)
+        self.original = [weight_in_out(m).detach().T.float().clone() for m in self.layers]  # (d_out, d_in)
+        self.shifts = [torch.zeros(w.shape[1], w.shape[0], requires_grad=True) for w in self.original]  # (d_in, d_out)
+        self._handles = [m.register_forward_hook(self._hook(s)) for m, s in zip(self.layers, self.shifts)]
+
+    @staticmethod
+    def _hook(shift: torch.Tensor):
+        def hook(module, inputs, output):
+            return output + (inputs[0].to(shift.dtype) @ shift).to(output.dtype)
+        return hook
+
+    def edit(self, micro_batches: Sequence[dict]) -> list[float]:
+        start = [s.detach().clone() for s in self.shifts]
+
+        @torch.no_grad()
+        def clamp():
+            if self.norm_constraint is not None:
+                for shift, s0 in zip(self.shifts, start):
+                    shift.copy_(torch.clamp(shift, s0 - self.norm_constraint, s0 + self.norm_constraint))
+        return _optimise(self.shifts, self.model, micro_batches, self.steps, self.lr, clamp)
+
+    @torch.no_grad()
+    def weights(self) -> list[torch.Tensor]:
+        return [w0 + s.detach().T for w0, s in zip(self.original, self.shifts)]
+
+    def diagnostics(self) -> dict[str, list[float]]:
+        return {}
+
+
+class HorseTurnEditor:
+    """A trained HORSE/MALMEN editor applied turn by turn: each turn's shifts are computed on the current
+    (already edited) model with the same capture/predict/spread/solve code as training, then merged."""
+
+    name = "horse"
+
+    def __init__(self, model: nn.Module, editor: nn.Module, edit_modules: Sequence[str]):
+        self.model, self.editor, self.edit_modules = model, editor, list(edit_modules)
+        _freeze(model)
+        self.layers = get_modules(model, self.edit_modules)
+        self.original = [weight_in_out(m).detach().T.float().clone() for m in self.layers]
+
+    def edit(self, micro_batches: Sequence[dict]) -> list[float]:
+        cap = self.editor.capture(self.model, self.layers, micro_batches)
+        with torch.no_grad():
+            state = self.editor.param_shifts(cap)
+        merge(self.layers, state.param_shifts)
+        return [cap.loss]
+
+    @torch.no_grad()
+    def weights(self) -> list[torch.Tensor]:
+        return [weight_in_out(m).detach().T.float().clone() for m in self.layers]
+
+    def diagnostics(self) -> dict[str, list[float]]:
+        return {}
+
+
+@torch.no_grad()
+def stability(weights: Sequence[torch.Tensor], original: Sequence[torch.Tensor]) -> dict[str, list[float]]:
+    """Per edited matrix: condition number ``sigma_max / sigma_min``, ``||W||_F`` and ``||W - W0||_F``."""
+    out: dict[str, list[float]] = {"condition_number": [], "frobenius_norm": [], "drift": []}
+    for w, w0 in zip(weights, original):
+        sigma = torch.linalg.svdvals(w.double())
+        out["condition_number"].append(float(sigma[0] / sigma[-1]))
+        out["frobenius_norm"].append(float(torch.linalg.matrix_norm(w)))
+        out["drift"].append(float(torch.linalg.matrix_norm(w - w0)))
+    return out

@@ -1,0 +1,153 @@
+"""General-ability checks before and after a sequence of edits: zero-shot choice tasks and perplexity.
+
+Each task example is a prompt with candidate continuations; the model's answer is the candidate with the
+highest mean per-token log-probability (the same teacher-forced pass as the edit scores). A task counts
+only where the unedited model is clearly above chance (accuracy above chance by more than two binomial
+standard errors); the others are reported as dropped, with their numbers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from horse_pl.data.records import RecordError
+from horse_pl.data.tokenize import IGNORE_INDEX, collate, tokenize_pairs
+from horse_pl.metrics import score_view
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    prompt: str
+    choices: tuple[str, ...]
+    label: int
+
+
+def _binary(template: str, choices: tuple[str, str], positive: Callable[[dict], bool]):
+    def build(record: dict) -> ChoiceExample:
+        return ChoiceExample(template.format(**record), choices, int(positive(record)))
+    return build
+
+
+# name -> (file under the general data folder, record -> example). RTE is left out: its integer labels follow
+# no convention stated with the data; NLI covers the same task with named labels.
+TASKS: dict[str, tuple[str, Callable[[dict], ChoiceExample]]] = {
+    "sst2": ("glue_eval/sst2.json.gz", _binary(
+        "Review: {sentence}\nIs this review positive or negative? Answer:", ("negative", "positive"),
+        lambda r: int(r["label"]) == 1)),
+    "sentiment_analysis": ("glue_eval/sentiment_analysis.json.gz", _binary(
+        "Review: {sentence}\nIs this review positive or negative? Answer:", ("negative", "positive"),
+        lambda r: int(r["label"]) == 1)),
+    "cola": ("glue_eval/cola.json.gz", _binary(
+        "Sentence: {sentence}\nIs this sentence grammatically correct? Answer yes or no:", ("no", "yes"),
+        lambda r: int(r["label"]) == 1)),
+    "mrpc": ("glue_eval/mrpc.json.gz", _binary(
+        "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences mean the same thing? Answer yes or no:",
+        ("no", "yes"), lambda r: int(r["label"]) == 1)),
+    "nli": ("glue_eval/nli.json.gz", _binary(
+        "{sentence1}\nQuestion: does this imply that \"{sentence2}\"? Answer yes or no:", ("no", "yes"),
+        lambda r: r["label"] == "entailment")),
+    "dialogue": ("glue_eval/dialogue.json.gz",
+                 lambda r: ChoiceExample(r["article"], tuple(r["options"]), "ABCD".index(r["answers"]))),
+    "mmlu": ("glue_eval/mmlu.json.gz",
+             lambda r: ChoiceExample(f"Question: {r['question']}\nAnswer:", tuple(r["choices"]), int(r["answer"]))),
+}
+
+
+def load_task(root: str | Path, name: str, limit: int | None) -> list[ChoiceExample]:
+    """The first ``limit`` examples of a task whose labels are balanced by taking them in file order."""
+    if name not in TASKS:
+        raise RecordError(f"Unknown general task '{name}'; choose from {sorted(TASKS)}.")
+    path = Path(root) / TASKS[name][0]
+    if not path.exists():
+        raise FileNotFoundError(f"General-ability data '{path}' is missing; point --general-data at the folder "
+                                "that holds glue_eval/ (../shared/data/general).")
+    with gzip.open(path, "rt") as handle:
+        records = json.load(handle)
+    return [TASKS[name][1](r) for r in records[:limit]]
+
+
+@torch.no_grad()
+def choice_accuracy(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample], batch_size: int = 16,
+                    max_length: int = 1024, calibrate: bool = True) -> float:
+    """Fraction of examples whose labelled choice has the highest mean token log-probability (for a fixed
+    label set, after subtracting each label's mean over the examples)."""
+    prompts = [e.prompt for e in examples for _ in e.choices]
+    answers = [c for e in examples for c in e.choices]
+    pairs = tokenize_pairs(tokenizer, prompts, answers, max_length, where="general example")
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
+    logprob = torch.empty(len(pairs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        scores = score_view(model, [collate([pairs[i] for i in idx], tokenizer.pad_token_id)], torch.tensor(idx))
+        logprob[idx] = scores.mean_logprob.cpu()
+    choice_sets = {e.choices for e in examples}
+    if calibrate and len(choice_sets) == 1:
+        # Contextual calibration: a fixed label set is scored relative to each label's mean log-probability
+        # over the task, so a small model's prior preference for one label word does not decide the answer.
+        logprob = logprob.view(len(examples), -1)
+        logprob = (logprob - logprob.mean(0, keepdim=True)).flatten()
+    right, pos = 0, 0
+    for e in examples:
+        right += int(int(logprob[pos:pos + len(e.choices)].argmax()) == e.label)
+        pos += len(e.choices)
+    return right / max(1, len(examples))
+
+
+def perplexity_texts(root: str | Path, n: int = 64) -> list[str]:
+    """A fixed text sample: the first ``n`` reference summaries of the summarisation task (plain English)."""
+    path = Path(root) / "model_editing_hurt" / "test-summarization.json.gz"
+    with gzip.open(path, "rt") as handle:
+        return [r["summary"].strip() for r in json.load(handle)[:n]]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> float:
+    """Token-weighted perplexity of ``texts`` (each truncated to ``max_length`` tokens)."""
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX)
+        logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+        shift = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), shift.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        nll += float(loss)
+        count += int((shift != IGNORE_INDEX).sum())
+    return math.exp(nll / count)
+
+
+def general_abilities(model: nn.Module, tokenizer, root: str | Path, tasks: Sequence[str], limit: int | None,
+                      ppl_texts: int = 64) -> dict[str, float]:
+    """Accuracy on each task and perplexity on the fixed sample."""
+    scores = {name: choice_accuracy(model, tokenizer, load_task(root, name, limit)) for name in tasks}
+    scores["perplexity"] = perplexity(model, tokenizer, perplexity_texts(root, ppl_texts))
+    return scores
+
+
+def chance_level(root: str | Path, name: str, limit: int | None) -> float:
+    """Accuracy of always answering the most frequent label."""
+    labels = [e.label for e in load_task(root, name, limit)]
+    return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def above_chance(accuracy: float, chance: float, n: int) -> bool:
+    """Clearly above chance: by more than two binomial standard errors."""
+    return accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n)
+
+
+def retention(before: dict[str, float], after: dict[str, float], kept: Sequence[str]) -> dict[str, float]:
+    """after / before per kept task and their mean; for perplexity before / after (1 = unchanged, lower = worse)."""
+    out = {name: after[name] / before[name] for name in kept}
+    out["mean"] = sum(out.values()) / len(out) if out else float("nan")
+    out["perplexity"] = before["perplexity"] / after["perplexity"]
+    return out

@@ -1,0 +1,232 @@
+"""The sequential editing protocol, the same loop for every method.
+
+Edit T requests in turns of ``turn_size``; after each turn score that turn's requests ("post"); every
+``diag_every`` edits log the stability diagnostics of each edited matrix; after the last turn score every
+request on the final model ("after-post") and the general abilities (retention = after / before).
+Results: ``sequential_report.json``, ``diagnostics.png`` and TensorBoard logs under the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
+from horse_pl.data.records import EditRequest
+from horse_pl.edit_modules import resolve_edit_modules
+from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
+from horse_pl.models import load_model
+from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
+from horse_pl.sequential.general import above_chance, chance_level, general_abilities, retention
+
+log = logging.getLogger(__name__)
+METHODS = ("mose", "ft", "horse")
+
+
+@dataclass
+class SequentialConfig:
+    """Settings of one sequential run (``edit.py --sequential``; recipes in ``configs/mose_*.yaml``)."""
+
+    methods: Sequence[str] = ("mose",)
+    model: str = "embedded:smollm2-135m"
+    edit_modules: str | list[str] = "layers:19-21"
+    turn_size: int = 1
+    diag_every: int = 10
+    steps: int = 20
+    lr: float = 5e-4
+    n_blocks: int = 4
+    radius_scale: float = 1e-5
+    norm_constraint: float | None = 5e-4
+    editor: str | None = None  # exported HORSE editor, for the ``horse`` method
+    general_data: str | None = "../shared/data/general"
+    general_tasks: Sequence[str] = ("sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
+    general_limit: int | None = 200
+    batch_size: int = 32
+    max_length: int = 256
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
+    if method == "mose":
+        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale)
+    if method == "ft":
+        return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
+    if method == "horse":
+        from horse_pl.export import EditorLoadError, load_editor
+        from horse_pl.models import model_fingerprint
+
+        if not cfg.editor:
+            raise EditorLoadError("The 'horse' sequential method needs --editor (a folder from 'train.py export').")
+        editor, config = load_editor(cfg.editor)
+        if model_fingerprint(model) != config.base_fingerprint:
+            raise EditorLoadError(f"The editor '{cfg.editor}' was trained on '{config.base_model}', not on "
+                                  f"'{cfg.model}'; pass the editor's base model with --model.")
+        return HorseTurnEditor(model, editor.to(cfg.device), config.edit_modules)
+    raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
+
+
+def _summary(values: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    return {n: float(torch.cat(values[n]).mean()) for n in SCORE_NAMES if n in values and values[n]}
+
+
+def _accumulate(into: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor]) -> None:
+    for name, value in values.items():
+        if value.numel():
+            into.setdefault(name, []).append(value.detach().cpu())
+
+
+class SequentialRun:
+    """One request file, several methods, each on a fresh copy of the base model."""
+
+    def __init__(self, cfg: SequentialConfig, requests: Sequence[EditRequest], out: Path):
+        self.cfg, self.requests, self.out = cfg, list(requests), Path(out)
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.table = tokenize_requests(self.tokenizer, self.requests, EVAL_VIEWS, cfg.max_length, where="request")
+        self.collate = EditCollator(EVAL_VIEWS, cfg.batch_size, self.tokenizer.pad_token_id)
+        self.turns = [list(range(s, min(s + cfg.turn_size, len(self.requests))))
+                      for s in range(0, len(self.requests), cfg.turn_size)]
+        self.chunks = [list(range(s, min(s + 64, len(self.requests)))) for s in range(0, len(self.requests), 64)]
+        # The unedited model: scores of every request, and the locality argmax LS_agree compares against.
+        start = time.perf_counter()
+        self.turn_locality = [self._locality(model, self._batch(t)) for t in self.turns]
+        self.chunk_locality, unedited = [], {}
+        for chunk in self.chunks:
+            batch = self._batch(chunk)
+            scores = score_batch(model, batch, EVAL_VIEWS)
+            self.chunk_locality.append(scores.get("locality"))
+            _accumulate(unedited, compute_scores(scores, None))
+        self.report: dict = {"config": asdict(cfg), "n_requests": len(self.requests), "unedited": _summary(unedited),
+                             "methods": {}}
+        if cfg.general_data and cfg.general_tasks:
+            self.report["general_before"] = general_abilities(model, self.tokenizer, cfg.general_data,
+                                                              cfg.general_tasks, cfg.general_limit)
+            chance = {t: chance_level(cfg.general_data, t, cfg.general_limit) for t in cfg.general_tasks}
+            n = {t: len(self._task_len(t)) for t in cfg.general_tasks}
+            self.kept = [t for t in cfg.general_tasks
+                         if above_chance(self.report["general_before"][t], chance[t], n[t])]
+            self.report["general_tasks"] = {
+                t: {"chance": chance[t], "unedited": self.report["general_before"][t], "n": n[t],
+                    "kept": t in self.kept} for t in cfg.general_tasks}
+        self.report["unedited_seconds"] = time.perf_counter() - start
+        del model
+
+    def _task_len(self, task: str):
+        from horse_pl.sequential.general import load_task
+        return load_task(self.cfg.general_data, task, self.cfg.general_limit)
+
+    def _batch(self, rows: Sequence[int]) -> dict:
+        return self.collate([self.table[i] for i in rows])
+
+    @staticmethod
+    def _locality(model, batch):
+        return score_view(model, batch["locality"], batch["locality_rows"]) if batch.get("locality") else None
+
+    def run_method(self, method: str) -> dict:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        names = resolve_edit_modules(model, cfg.edit_modules)
+        editor = build_editor(method, model, cfg, names)
+        logger = TensorBoardLogger(save_dir=str(self.out), name="tb", version=method, default_hp_metric=False)
+        history: list[dict] = []
+
+        def diagnose(n_edits: int) -> None:
+            diag = stability(editor.weights(), editor.original)
+            diag.update(editor.diagnostics())
+            row = {"n_edits": n_edits}
+            for key, values in diag.items():
+                row[key] = values
+                metrics = {f"{key}/layer{i}": v for i, v in enumerate(values)}
+                metrics[f"{key}/mean"] = sum(values) / len(values)
+                logger.log_metrics(metrics, step=n_edits)
+            history.append(row)
+
+        diagnose(0)
+        post: dict[str, list[torch.Tensor]] = {}
+        per_request_post: list[dict] = [{} for _ in self.requests]
+        start, done, next_diag = time.perf_counter(), 0, cfg.diag_every
+        edit_seconds = 0.0
+        for turn, locality_before in zip(self.turns, self.turn_locality):
+            batch = self._batch(turn)
+            t0 = time.perf_counter()
+            editor.edit(batch["edit"])
+            edit_seconds += time.perf_counter() - t0
+            done += len(turn)
+            values = compute_scores(score_batch(model, batch, EVAL_VIEWS), locality_before)
+            _accumulate(post, values)
+            for name in ("ES", "GS", "LS", "efficacy", "paraphrase", "neighborhood"):
+                if name in values and values[name].numel() == len(turn):
+                    for row, v in zip(turn, values[name].tolist()):
+                        per_request_post[row][name] = v
+            logger.log_metrics({f"post/{k}": float(v.mean()) for k, v in values.items() if v.numel()}, step=done)
+            if done >= next_diag or done == len(self.requests):
+                diagnose(done)
+                next_diag = done + cfg.diag_every
+        sequence_seconds = time.perf_counter() - start
+        after: dict[str, list[torch.Tensor]] = {}
+        for chunk, locality_before in zip(self.chunks, self.chunk_locality):
+            batch = self._batch(chunk)
+            _accumulate(after, compute_scores(score_batch(model, batch, EVAL_VIEWS), locality_before))
+        result = {"post": _summary(post), "after_post": _summary(after), "sequence_seconds": sequence_seconds,
+                  "edit_seconds": edit_seconds, "diagnostics": history, "per_request_post": per_request_post}
+        logger.log_metrics({f"after_post/{k}": v for k, v in result["after_post"].items()}, step=done)
+        if "general_before" in self.report:
+            general_after = general_abilities(model, self.tokenizer, cfg.general_data, cfg.general_tasks,
+                                              cfg.general_limit)
+            result["general_after"] = general_after
+            result["retention"] = retention(self.report["general_before"], general_after, self.kept)
+            logger.log_metrics({f"retention/{k}": v for k, v in result["retention"].items()}, step=done)
+        logger.finalize("success")
+        self.final_model = model  # the last method's edited model (tests score it independently)
+        return result
+
+    def run(self) -> dict:
+        for method in self.cfg.methods:
+            log.info("sequential %s: %d requests in turns of %d", method, len(self.requests), self.cfg.turn_size)
+            self.report["methods"][method] = self.run_method(method)
+            self.write()
+        plot_diagnostics(self.report, self.out / "diagnostics.png")
+        self.write()
+        return self.report
+
+    def write(self) -> None:
+        (self.out / "sequential_report.json").write_text(json.dumps(self.report, indent=2))
+
+
+def plot_diagnostics(report: dict, path: Path) -> None:
+    """Diagnostic vs number of edits, one line per method (mean over the edited matrices)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("condition_number", "condition number"), ("frobenius_norm", "||W||_F"),
+              ("drift", "||W - W0||_F"), ("orthogonality_error", "||Q^T Q - I||_F (MOSE)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for method, result in report["methods"].items():
+            rows = [r for r in result["diagnostics"] if key in r]
+            if rows:
+                ax.plot([r["n_edits"] for r in rows], [sum(r[key]) / len(r[key]) for r in rows], marker=".",
+                        label=method)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Stability of the edited matrices (mean over {report['config']['edit_modules']}), "
+                 f"{report['n_requests']} sequential edits", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,180 @@
+"""MOSE and the additive sequential baselines, the sequential runner, general-ability scoring, recipes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CF_EVAL
+from test_edit import editor_dir  # noqa: F401  (module fixture: a tiny exported HORSE editor)
+
+from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
+from horse_pl.data.records import load_requests
+from horse_pl.metrics import compute_scores, score_batch
+from horse_pl.models import load_model
+from horse_pl.sequential import general
+from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
+from horse_pl.sequential.runner import SequentialConfig, SequentialRun
+
+edit_main = pytest.importorskip("edit").main
+MODULES = ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _turns(tokenizer, n=3, per_turn=1):
+    requests, _ = load_requests(CF_EVAL, limit=n)
+    table = tokenize_requests(tokenizer, requests, ("edit",), 128)
+    collate = EditCollator(("edit",), 8, tokenizer.pad_token_id)
+    return [collate([table[j] for j in range(i, min(i + per_turn, n))])["edit"] for i in range(0, n, per_turn)]
+
+
+def test_mose_rotation_is_orthogonal_and_keeps_the_spectrum(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    # a large ball so that the rotation moves far from the identity in a few steps
+    mose = MoseEditor(model, MODULES, n_blocks=4, steps=10, lr=5e-2, radius_scale=1e-2)
+    for turn in _turns(tok):
+        mose.edit(turn)
+    for q, w, w0, layer in zip(mose.rotations(), mose.weights(), mose.original, mose.layers):
+        eye = torch.eye(q.shape[0])
+        assert (q - eye).abs().max() > 1e-2  # it did rotate
+        assert torch.linalg.matrix_norm(q.T @ q - eye) < 1e-5
+        assert torch.allclose(q, torch.block_diag(*[q[i:i + 12, i:i + 12] for i in range(0, 48, 12)]))
+        s0, s1 = torch.linalg.svdvals(w0.double()), torch.linalg.svdvals(w.double())
+        assert ((s1 - s0).abs() / s0).max() < 1e-5
+        x = torch.randn(5, w.shape[1])
+        with torch.no_grad():
+            assert torch.allclose(layer(x), x @ w.T, atol=1e-5)  # W0 Q^T is what the model computes
+    diag = stability(mose.weights(), mose.original)
+    s0 = stability(mose.original, mose.original)
+    assert diag["condition_number"] == pytest.approx(s0["condition_number"], rel=1e-5)
+    assert all(d > 0 for d in diag["drift"])
+    assert max(mose.diagnostics()["orthogonality_error"]) < 1e-5
+
+
+def test_mose_ball_projection_holds(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    mose = MoseEditor(model, MODULES, n_blocks=4, steps=20, lr=5e-1, radius_scale=1e-4)
+    turn = _turns(tok, n=1)[0]
+    mose.edit(turn)
+    # the projection runs before each forward: one more forward and every block sits inside its ball
+    with torch.no_grad():
+        model(**{k: v for k, v in turn[0].items() if k != "labels"})
+    for norms, radius in zip(mose.skew_norms(), mose.radius):
+        assert norms.max() <= radius * (1 + 1e-5)
+        assert norms.max() >= radius * 0.5  # the large lr pushed against the constraint
+
+
+def test_mose_rotation_state_persists_across_requests(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    lr = 1e-3
+    mose = MoseEditor(model, MODULES, steps=5, lr=lr, radius_scale=1e-1)
+    first, second = _turns(tok, n=2)
+    mose.edit(first)
+    after_first = [p.detach().clone() for p in mose.params]
+    assert all(p.abs().max() > 0 for p in after_first)
+    mose.steps = 1
+    mose.edit(second)
+    for p, p1 in zip(mose.params, after_first):
+        # one Adam step moves each entry by at most ~lr from where the first request left it
+        assert 0 < (p.detach() - p1).abs().max() <= lr * 1.01
+
+
+def test_finetune_is_additive_and_constrained_per_request(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    ft = FineTuneEditor(model, MODULES, steps=10, lr=1e-2, norm_constraint=1e-3)
+    turns = _turns(tok, n=2)
+    ft.edit(turns[0])
+    assert max(float(s.abs().max()) for s in ft.shifts) == pytest.approx(1e-3, rel=1e-5)
+    ft.edit(turns[1])
+    assert max(float(s.abs().max()) for s in ft.shifts) <= 2e-3 + 1e-7
+    for layer, w in zip(ft.layers, ft.weights()):
+        x = torch.randn(4, w.shape[1])
+        with torch.no_grad():
+            assert torch.allclose(layer(x), x @ w.T, atol=1e-5)
+    assert all(d > 0 for d in stability(ft.weights(), ft.original)["drift"])
+
+
+def test_horse_turns_merge_each_turns_shifts(editor_dir, tiny_llama):  # noqa: F811
+    from horse_pl.export import load_editor
+
+    model, tok = load_model(tiny_llama)
+    editor, config = load_editor(editor_dir / "editor")
+    horse = HorseTurnEditor(model, editor, config.edit_modules)
+    weights = horse.weights()
+    for turn in _turns(tok, n=2):
+        horse.edit(turn)
+        now = horse.weights()
+        assert any(not torch.equal(a, b) for a, b in zip(weights, now))
+        weights = now
+
+
+def _config(tiny_llama, methods, **kw):
+    return SequentialConfig(methods=methods, model=tiny_llama, edit_modules="layers:2-3", steps=3, lr=1e-2,
+                            diag_every=2, general_tasks=("sst2",), general_limit=8, **kw)
+
+
+def test_runner_scores_after_post_on_the_final_model(tiny_llama, tmp_path):
+    requests, _ = load_requests(CF_EVAL, limit=5)
+    run = SequentialRun(_config(tiny_llama, ("mose",), turn_size=2, radius_scale=1e-2), requests, tmp_path)
+    report = run.run()
+    result = report["methods"]["mose"]
+    assert [d["n_edits"] for d in result["diagnostics"]] == [0, 2, 4, 5]
+    # after-post = every request scored on the final model, against the unedited locality argmax
+    tok = run.tokenizer
+    table = tokenize_requests(tok, requests, EVAL_VIEWS, 256)
+    batch = EditCollator(EVAL_VIEWS, 32, tok.pad_token_id)([table[i] for i in range(5)])
+    values = compute_scores(score_batch(run.final_model, batch, EVAL_VIEWS), run.chunk_locality[0])
+    for name in ("ES", "GS", "LS", "LS_agree", "efficacy", "paraphrase", "neighborhood"):
+        assert result["after_post"][name] == pytest.approx(float(values[name].mean()), abs=1e-6), name
+    assert set(report["general_tasks"]["sst2"]) == {"chance", "unedited", "n", "kept"}
+    assert "perplexity" in result["general_after"] and result["retention"]["perplexity"] > 0
+    assert (tmp_path / "diagnostics.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "sequential_report.json").read_text())["n_requests"] == 5
+
+
+def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "seq"
+    args = ["--sequential", "--method", "mose", "ft", "horse", "--editor", str(editor_dir / "editor"),
+            "--model", tiny_llama, "--requests", str(CF_EVAL), "--limit", "3", "--edit-modules", "layers:2-3",
+            "--steps", "2", "--general-tasks", "sst2", "--general-limit", "6", "--out", str(out)]
+    assert edit_main(args) == 0
+    report = json.loads((out / "sequential_report.json").read_text())
+    assert set(report["methods"]) == {"mose", "ft", "horse"}
+    assert "orthogonality_error" in report["methods"]["mose"]["diagnostics"][-1]
+    assert (out / "tb" / "mose").is_dir() and (out / "diagnostics.png").exists()
+    table = capsys.readouterr().out
+    assert "after_post" in table and "efficacy" in table
+    assert edit_main(args) == 2  # an existing --out is kept
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_sequential_recipes_parse(tmp_path, capsys):
+    import edit
+
+    recipes = sorted((ROOT / "configs").glob("mose_*.yaml"))
+    assert {r.stem for r in recipes} >= {"mose_smollm2_counterfact", "mose_smollm2_zsre", "mose_llama3_8b_counterfact",
+                                         "mose_qwen2_5_7b_counterfact", "mose_llama2_13b_counterfact"}
+    for recipe in recipes:
+        p = edit.parser()
+        edit._apply_config(p, ["--config", str(recipe), "--out", "x"])
+        args = p.parse_args(["--config", str(recipe), "--out", "x"])
+        assert args.sequential and args.methods and args.requests and Path(ROOT, args.requests).exists(), recipe
+        assert args.edit_modules.startswith("layers:"), recipe
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sequential: true\nstep: 3\n")
+    assert edit_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown keys ['step']" in capsys.readouterr().err
+
+
+def test_general_tasks_load_and_score(tiny_llama):
+    for name in general.TASKS:
+        examples = general.load_task(ROOT.parent / "shared" / "data" / "general", name, 20)
+        assert len(examples) == 20 and all(0 <= e.label < len(e.choices) for e in examples)
+    assert general.above_chance(0.7, 0.5, 200) and not general.above_chance(0.55, 0.5, 200)
+    r = general.retention({"a": 0.8, "b": 0.5, "perplexity": 10.0}, {"a": 0.4, "b": 0.5, "perplexity": 20.0}, ["a"])
+    assert r == {"a": 0.5, "mean": 0.5, "perplexity": 0.5}
+    model, tok = load_model(tiny_llama)
+    examples = general.load_task(ROOT.parent / "shared" / "data" / "general", "sst2", 8)
+    acc = general.choice_accuracy(model, tok, examples)
+    assert acc == general.choice_accuracy(model, tok, list(reversed(examples)))  # order-independent
+    assert general.perplexity(model, tok, ["a short text", "another one here"]) > 1
