@@ -1,0 +1,25 @@
+"""What both benchmark scripts share: the machine description and atomic JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def write_json(report: dict, out: str | Path) -> Path:
+    """Write ``report`` to ``out`` atomically (temporary file, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    return out

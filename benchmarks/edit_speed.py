@@ -1,0 +1,249 @@
+"""Editing speed against the hardware floor, for N simultaneous edits.
+
+    python benchmarks/edit_speed.py                       # N = 16, 64, 256, 1024 on the embedded SmolLM2
+    python benchmarks/edit_speed.py --editor editors/quickstart --n 256
+
+For each N, the wall time to compute and merge N edits, split into capture, hypernetwork prediction,
+spread, solve and merge; edits per second; peak memory. Beside it the floor: one forward + backward
+over the same N edit prompts with gradients only at the edit modules' weights, the work no
+gradient-based editor can skip. Every measurement runs in its own process (so peak memory is its own);
+time is the minimum over ``--repeats``. Writes a JSON file and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from common import machine, write_json  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_train_10k.json.gz"
+
+
+def _peak_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement (``edit`` or ``floor``) for one N, in this process."""
+    import torch
+
+    from horse_pl.data.datamodule import EditCollator, tokenize_requests
+    from horse_pl.data.records import load_requests
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
+    from horse_pl.editing.editor import Editor
+    from horse_pl.editing.lm import answer_ce
+    from horse_pl.editing.shifts import merge
+    from horse_pl.export import load_editor
+    from horse_pl.models import load_model, parse_dtype
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    device = next(model.parameters()).device
+    if args.editor:
+        editor, config = load_editor(args.editor)
+        names = config.edit_modules
+    else:  # an untrained editor of the recipe's architecture costs exactly what a trained one does
+        names = resolve_edit_modules(model, args.edit_modules)
+        shapes = [weight_shape(m) for m in get_modules(model, names)]
+        editor = Editor(shapes, rank=args.rank, n_blocks=2, lr=1e-4, chunk_size=args.chunk_size,
+                        cache_dtype=parse_dtype(args.cache_dtype))
+    editor = editor.to(device)
+    modules = get_modules(model, names)
+    requests, _ = load_requests(args.data, skip_invalid=True, limit=None)
+    if len(requests) < args.worker_n:
+        raise SystemExit(f"{args.data} has {len(requests)} valid requests, fewer than N={args.worker_n}.")
+    requests = requests[:args.worker_n]
+    table = tokenize_requests(tok, requests, ("edit",), 256)
+    batch = EditCollator(("edit",), args.batch_size, tok.pad_token_id)([table[i] for i in range(len(table))])
+    micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in batch["edit"]]
+    warm = micro_batches[:1]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_mb = _peak_mb(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n_tokens = int(sum((mb["labels"] != -100).sum() for mb in micro_batches))
+    best: dict[str, float] | None = None
+    if args.worker_kind == "floor":
+        weights = [m.weight for m in modules]
+        for w in weights:
+            w.requires_grad_(True)
+
+        def once() -> dict[str, float]:
+            for w in weights:
+                w.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            for mb in micro_batches:
+                answer_ce(model, mb).backward()
+            _sync(device)
+            return {"total": time.perf_counter() - start}
+        for mb in warm:
+            answer_ce(model, mb).backward()
+    else:
+        def once() -> dict[str, float]:
+            timings: dict[str, float] = {}
+            _sync(device)
+            start = time.perf_counter()
+            cap = editor.capture(model, modules, micro_batches)
+            _sync(device)
+            timings["capture"] = time.perf_counter() - start
+            with torch.no_grad():
+                state = editor.param_shifts(cap, timings=timings)
+                t0 = time.perf_counter()
+                merge(modules, state.param_shifts)
+                merge(modules, state.param_shifts, sign=-1.0)  # restore for the next repeat (not timed)
+                _sync(device)
+                timings["merge"] = (time.perf_counter() - t0) / 2
+            timings["total"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve", "merge"))
+            return timings
+        with torch.no_grad():
+            editor.param_shifts(editor.capture(model, modules, warm))
+    for _ in range(args.repeats):
+        result = once()
+        if best is None or result["total"] < best["total"]:
+            best = result
+    peak = _peak_mb(device)
+    return {"kind": args.worker_kind, "n_edits": args.worker_n, "answer_tokens": n_tokens, "seconds": best,
+            "peak_memory_mb": peak, "peak_over_loaded_mb": peak - base_mb}
+
+
+def measure(args: argparse.Namespace, kind: str, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker-kind", kind, "--worker-n", str(n)] + args.passthrough
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode:
+        raise SystemExit(f"benchmark worker ({kind}, N={n}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fit_slope(xs, ys, log: bool) -> float:
+    """Least-squares slope of y on x (on log-log axes when ``log``: the growth exponent)."""
+    if log:
+        xs, ys = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    ns = [r["n_edits"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("total", "edit (capture+predict+spread+solve+merge)"), ("capture", "capture")):
+        ax1.plot(ns, [r["edit"][key] for r in rows], marker="o", label=label)
+    ax1.plot(ns, [r["floor"] for r in rows], marker="s", linestyle="--", label="floor (fwd+bwd, grads at edit modules)")
+    ax1.set(xscale="log", yscale="log", xlabel="simultaneous edits N", ylabel="seconds")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3, which="both")
+    ax2.plot(ns, [r["edit_peak_over_loaded_mb"] for r in rows], marker="o", label="edit")
+    ax2.plot(ns, [r["floor_peak_over_loaded_mb"] for r in rows], marker="s", linestyle="--", label="floor")
+    ax2.set(xscale="log", xlabel="simultaneous edits N", ylabel="peak memory over loaded model (MiB)")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{report['model']} ({report['dtype']}, {report['device']}), {report['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256, 1024], help="numbers of simultaneous edits")
+    p.add_argument("--model", default="embedded:smollm2-135m")
+    p.add_argument("--editor", help="exported editor folder (default: an untrained editor of --rank/--edit-modules)")
+    p.add_argument("--edit-modules", default="layers:24-29")
+    p.add_argument("--rank", type=int, default=1920)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--cache-dtype", default="float32")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="requests to edit (the first N valid ones)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward/backward micro-batch")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=2, help="time = minimum over this many runs")
+    p.add_argument("--out", default="benchmarks/results/edit_speed.json")
+    p.add_argument("--worker-kind", help=argparse.SUPPRESS)
+    p.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.worker_kind:
+        print(json.dumps(worker(args)))
+        return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # everything but --n/--out goes to the workers
+    args.passthrough, skip = [], False
+    for a in argv:
+        if skip and not a.startswith("--"):
+            continue
+        skip = a in ("--n", "--out")
+        if not skip:
+            args.passthrough.append(a)
+
+    results = []
+    for n in args.n:
+        edit, floor = measure(args, "edit", n), measure(args, "floor", n)
+        row = {"n_edits": n, "answer_tokens": edit["answer_tokens"], "edit": edit["seconds"],
+               "floor": floor["seconds"]["total"], "ratio": edit["seconds"]["total"] / floor["seconds"]["total"],
+               "edits_per_second": n / edit["seconds"]["total"],
+               "seconds_per_100_edits": 100 * edit["seconds"]["total"] / n,
+               "edit_peak_memory_mb": edit["peak_memory_mb"], "edit_peak_over_loaded_mb": edit["peak_over_loaded_mb"],
+               "floor_peak_memory_mb": floor["peak_memory_mb"],
+               "floor_peak_over_loaded_mb": floor["peak_over_loaded_mb"]}
+        results.append(row)
+        s = row["edit"]
+        print(f"N={n:>5}  edit {s['total']:7.2f} s (capture {s['capture']:.2f}, predict {s['predict']:.2f}, "
+              f"spread {s['spread']:.3f}, solve {s['solve']:.2f}, merge {s['merge']:.3f})  "
+              f"floor {row['floor']:7.2f} s  ratio {row['ratio']:.2f}  {row['edits_per_second']:.1f} edits/s  "
+              f"peak +{row['edit_peak_over_loaded_mb']:.0f} MiB (floor +{row['floor_peak_over_loaded_mb']:.0f})",
+              flush=True)
+    ns = [r["n_edits"] for r in results]
+    report = {
+        "date": date.today().isoformat(), "model": args.model, "dtype": args.dtype, "device": args.device,
+        "editor": args.editor or f"untrained, rank {args.rank}, {args.edit_modules}",
+        "machine": machine(),
+        "command": "python benchmarks/edit_speed.py " + " ".join(argv), "results": results,
+    }
+    if len(ns) > 1:
+        report["time_growth_exponent"] = fit_slope(ns, [r["edit"]["total"] for r in results], log=True)
+        report["floor_growth_exponent"] = fit_slope(ns, [r["floor"] for r in results], log=True)
+        report["memory_mb_per_edit"] = fit_slope(ns, [r["edit_peak_over_loaded_mb"] for r in results], log=False)
+        print(f"time ~ N^{report['time_growth_exponent']:.2f} (floor ~ N^{report['floor_growth_exponent']:.2f}); "
+              f"peak memory grows {report['memory_mb_per_edit']:.2f} MiB per edit")
+    out = Path(args.out)
+    write_json(report, out)
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

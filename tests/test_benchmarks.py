@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end on a tiny model and write consistent JSON and PNG files."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from test_edit import editor_dir  # noqa: F401  (module fixture: a tiny exported HORSE editor)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_slope_recovers_exponents():
+    speed = _load("edit_speed")
+    assert speed.fit_slope([16, 64, 256], [2 * n for n in [16, 64, 256]], log=True) == pytest.approx(1.0)
+    assert speed.fit_slope([16, 64, 256], [n ** 2 for n in [16, 64, 256]], log=True) == pytest.approx(2.0)
+    assert speed.fit_slope([1, 2, 3], [5, 7, 9], log=False) == pytest.approx(2.0)
+
+
+def test_edit_speed_splits_the_edit_time_and_measures_the_floor(tiny_llama, tmp_path):
+    speed = _load("edit_speed")
+    out = tmp_path / "speed.json"
+    assert speed.main(["--n", "4", "8", "--repeats", "1", "--model", tiny_llama, "--edit-modules", "layers:2-3",
+                       "--rank", "16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["n_edits"] for r in report["results"]] == [4, 8]
+    for row in report["results"]:
+        parts = row["edit"]
+        stages = ("capture", "predict", "spread", "solve", "merge")
+        assert parts["total"] == pytest.approx(sum(parts[k] for k in stages))
+        assert row["floor"] > 0 and row["ratio"] == pytest.approx(parts["total"] / row["floor"])
+        assert row["edit_peak_memory_mb"] > 0 and row["answer_tokens"] > 0
+    assert "time_growth_exponent" in report and out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys):  # noqa: F811
+    quality = _load("edit_quality")
+    out = tmp_path / "quality.json"
+    folder = str(editor_dir / "editor")
+    assert quality.main(["--dataset", "zsre", "--editors", f"a={folder}", f"b={folder}", "--n", "4", "8",
+                         "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["unedited"]) == {"4", "8"} and set(report["editors"]) == {"a", "b"}
+    # the same editor twice gives the same scores: nothing leaks from one editor's run into the next
+    for n in ("4", "8"):
+        assert report["editors"]["a"][n] == report["editors"]["b"][n]
+        assert {"ES", "GS", "LS", "LS_agree", "EM_edit"} <= set(report["editors"]["a"][n])
+    assert out.with_suffix(".png").exists()
+    with pytest.raises(SystemExit, match="NAME=FOLDER"):
+        quality.main(["--editors", folder, "--out", str(out)])
