@@ -98,16 +98,23 @@ def run_sequential(args: argparse.Namespace) -> None:
     def write(folder: Path) -> None:
         result = SequentialRun(cfg, requests, folder).run()
         names = [n for n in ("efficacy", "paraphrase", "neighborhood", "ES", "GS", "LS") if n in result["unedited"]]
-        print(f"{'method':<8}{'when':<12}" + "".join(f"{n:>13}" for n in names) + f"{'retention':>11}{'seconds':>9}")
+        print(f"{'method':<8}{'when':<12}" + "".join(f"{n:>13}" for n in names)
+              + f"{'task ret':>11}{'ppl ret':>9}{'seconds':>9}")
         print(f"{'-':<8}{'unedited':<12}" + "".join(f"{result['unedited'][n]:>13.3f}" for n in names))
         for method, res in result["methods"].items():
             for when in ("post", "after_post"):
-                row = "".join(f"{res[when].get(n, float('nan')):>13.3f}" for n in names)
-                extra = (f"{res['retention']['mean']:>11.3f}" if "retention" in res else f"{'':>11}") + \
-                    f"{res['sequence_seconds']:>9.0f}" if when == "after_post" else ""
-                print(f"{method:<8}{when:<12}{row}{extra}")
+                row = f"{method:<8}{when:<12}" + "".join(f"{res[when].get(n, float('nan')):>13.3f}" for n in names)
+                if when == "after_post":
+                    kept = res.get("retention", {})
+                    row += f"{_fmt(kept.get('mean')):>11}{_fmt(kept.get('perplexity')):>9}"
+                    row += f"{res['sequence_seconds']:>9.0f}"
+                print(row)
     write_atomic_dir(args.out, write, "replace" if args.overwrite else "error")
     print(f"wrote {args.out} (sequential_report.json, diagnostics.png, tb/) in {time.perf_counter() - start:.0f} s")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _optional_float(text: str) -> float | None:

@@ -166,15 +166,25 @@ def test_sequential_recipes_parse(tmp_path, capsys):
     assert "unknown keys ['step']" in capsys.readouterr().err
 
 
+GENERAL = ROOT.parent / "shared" / "data" / "general"
+
+
 def test_general_tasks_load_and_score(tiny_llama):
     for name in general.TASKS:
-        examples = general.load_task(ROOT.parent / "shared" / "data" / "general", name, 20)
+        examples = general.load_task(GENERAL, name, 20)
         assert len(examples) == 20 and all(0 <= e.label < len(e.choices) for e in examples)
+    qa = general.load_task(GENERAL, "open_domain_qa", 20)
+    assert len(qa) == 20 and all(q.endswith("?\nAnswer:") and a for q, a in qa)
     assert general.above_chance(0.7, 0.5, 200) and not general.above_chance(0.55, 0.5, 200)
     r = general.retention({"a": 0.8, "b": 0.5, "perplexity": 10.0}, {"a": 0.4, "b": 0.5, "perplexity": 20.0}, ["a"])
     assert r == {"a": 0.5, "mean": 0.5, "perplexity": 0.5}
+    assert general.retention({"perplexity": 2.0}, {"perplexity": 2.0}, [])["mean"] is None
+    with pytest.raises(ValueError, match="Unknown general task 'glue'"):
+        general.load_task(GENERAL, "glue", 5)
     model, tok = load_model(tiny_llama)
-    examples = general.load_task(ROOT.parent / "shared" / "data" / "general", "sst2", 8)
+    examples = general.load_task(GENERAL, "sst2", 8)
     acc = general.choice_accuracy(model, tok, examples)
     assert acc == general.choice_accuracy(model, tok, list(reversed(examples)))  # order-independent
+    assert general.chance_level(GENERAL, "open_domain_qa", 8, tok) == 1 / len(tok)
+    assert 0 <= general.qa_accuracy(model, tok, qa[:4]) <= 1
     assert general.perplexity(model, tok, ["a short text", "another one here"]) > 1

@@ -61,17 +61,49 @@ TASKS: dict[str, tuple[str, Callable[[dict], ChoiceExample]]] = {
 }
 
 
-def load_task(root: str | Path, name: str, limit: int | None) -> list[ChoiceExample]:
-    """The first ``limit`` examples of a task whose labels are balanced by taking them in file order."""
-    if name not in TASKS:
-        raise RecordError(f"Unknown general task '{name}'; choose from {sorted(TASKS)}.")
-    path = Path(root) / TASKS[name][0]
+# name -> (file, record -> (question prompt, answer)): short-answer QA scored by teacher-forced token accuracy
+# (the ES/GS/LS measure); chance is one over the vocabulary.
+QA_TASKS: dict[str, tuple[str, Callable[[dict], tuple[str, str]]]] = {
+    "open_domain_qa": ("model_editing_hurt/test-OpenDomainQA.jsonl.gz",
+                       lambda r: (f"Question: {r['question'].rstrip('?')}?\nAnswer:", r["answer"][0])),
+}
+
+
+def _read(root: str | Path, relative: str, limit: int | None) -> list[dict]:
+    path = Path(root) / relative
     if not path.exists():
         raise FileNotFoundError(f"General-ability data '{path}' is missing; point --general-data at the folder "
-                                "that holds glue_eval/ (../shared/data/general).")
+                                "that holds glue_eval/ and model_editing_hurt/ (../shared/data/general).")
     with gzip.open(path, "rt") as handle:
-        records = json.load(handle)
-    return [TASKS[name][1](r) for r in records[:limit]]
+        if path.name.endswith(".jsonl.gz"):
+            records = [json.loads(line) for _, line in zip(range(limit or 10**9), handle)]
+        else:
+            records = json.load(handle)
+    return records[:limit]
+
+
+def load_task(root: str | Path, name: str, limit: int | None) -> list:
+    """The first ``limit`` examples of a task, in file order (the choice tasks' labels are balanced)."""
+    if name in TASKS:
+        return [TASKS[name][1](r) for r in _read(root, TASKS[name][0], limit)]
+    if name in QA_TASKS:
+        return [QA_TASKS[name][1](r) for r in _read(root, QA_TASKS[name][0], limit)]
+    raise RecordError(f"Unknown general task '{name}'; choose from {sorted(TASKS) + sorted(QA_TASKS)}.")
+
+
+@torch.no_grad()
+def qa_accuracy(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]], batch_size: int = 16,
+                max_length: int = 512) -> float:
+    """Mean over questions of the fraction of answer tokens predicted right (teacher-forced)."""
+    pairs = tokenize_pairs(tokenizer, [q for q, _ in examples], [a for _, a in examples], max_length,
+                           where="general QA example")
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        scores = score_view(model, [collate([pairs[i] for i in idx], tokenizer.pad_token_id)], torch.tensor(idx))
+        total += float(scores.accuracy.sum())
+    return total / max(1, len(pairs))
 
 
 @torch.no_grad()
@@ -129,13 +161,17 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
 def general_abilities(model: nn.Module, tokenizer, root: str | Path, tasks: Sequence[str], limit: int | None,
                       ppl_texts: int = 64) -> dict[str, float]:
     """Accuracy on each task and perplexity on the fixed sample."""
-    scores = {name: choice_accuracy(model, tokenizer, load_task(root, name, limit)) for name in tasks}
+    scores = {name: (qa_accuracy if name in QA_TASKS else choice_accuracy)(model, tokenizer,
+                                                                          load_task(root, name, limit))
+              for name in tasks}
     scores["perplexity"] = perplexity(model, tokenizer, perplexity_texts(root, ppl_texts))
     return scores
 
 
-def chance_level(root: str | Path, name: str, limit: int | None) -> float:
-    """Accuracy of always answering the most frequent label."""
+def chance_level(root: str | Path, name: str, limit: int | None, tokenizer=None) -> float:
+    """Accuracy of always answering the most frequent label (QA: of a uniform guess over the vocabulary)."""
+    if name in QA_TASKS:
+        return 1.0 / len(tokenizer)
     labels = [e.label for e in load_task(root, name, limit)]
     return max(labels.count(v) for v in set(labels)) / len(labels)
 
@@ -145,9 +181,9 @@ def above_chance(accuracy: float, chance: float, n: int) -> bool:
     return accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n)
 
 
-def retention(before: dict[str, float], after: dict[str, float], kept: Sequence[str]) -> dict[str, float]:
+def retention(before: dict[str, float], after: dict[str, float], kept: Sequence[str]) -> dict[str, float | None]:
     """after / before per kept task and their mean; for perplexity before / after (1 = unchanged, lower = worse)."""
-    out = {name: after[name] / before[name] for name in kept}
-    out["mean"] = sum(out.values()) / len(out) if out else float("nan")
+    out: dict[str, float | None] = {name: after[name] / before[name] for name in kept}
+    out["mean"] = sum(out.values()) / len(out) if out else None  # no task above chance: nothing to average
     out["perplexity"] = before["perplexity"] / after["perplexity"]
     return out

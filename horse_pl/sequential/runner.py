@@ -45,7 +45,7 @@ class SequentialConfig:
     norm_constraint: float | None = 5e-4
     editor: str | None = None  # exported HORSE editor, for the ``horse`` method
     general_data: str | None = "../shared/data/general"
-    general_tasks: Sequence[str] = ("sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
+    general_tasks: Sequence[str] = ("open_domain_qa", "sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
     general_limit: int | None = 200
     batch_size: int = 32
     max_length: int = 256
@@ -110,7 +110,8 @@ class SequentialRun:
         if cfg.general_data and cfg.general_tasks:
             self.report["general_before"] = general_abilities(model, self.tokenizer, cfg.general_data,
                                                               cfg.general_tasks, cfg.general_limit)
-            chance = {t: chance_level(cfg.general_data, t, cfg.general_limit) for t in cfg.general_tasks}
+            chance = {t: chance_level(cfg.general_data, t, cfg.general_limit, self.tokenizer)
+                      for t in cfg.general_tasks}
             n = {t: len(self._task_len(t)) for t in cfg.general_tasks}
             self.kept = [t for t in cfg.general_tasks
                          if above_chance(self.report["general_before"][t], chance[t], n[t])]
@@ -187,7 +188,8 @@ class SequentialRun:
                                               cfg.general_limit)
             result["general_after"] = general_after
             result["retention"] = retention(self.report["general_before"], general_after, self.kept)
-            logger.log_metrics({f"retention/{k}": v for k, v in result["retention"].items()}, step=done)
+            logger.log_metrics({f"retention/{k}": v for k, v in result["retention"].items() if v is not None},
+                               step=done)
         logger.finalize("success")
         self.final_model = model  # the last method's edited model (tests score it independently)
         return result
