@@ -208,26 +208,31 @@ class SequentialRun:
 
 
 def plot_diagnostics(report: dict, path: Path) -> None:
-    """Diagnostic vs number of edits, one line per method (mean over the edited matrices)."""
+    """Diagnostic vs number of edits, one line per method: the mean over that method's edited matrices of
+    the condition number and ``||W||_F`` relative to the unedited matrix, ``||W - W0||_F`` and MOSE's
+    orthogonality error (log scales, so that small and large changes are both visible)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("condition_number", "condition number"), ("frobenius_norm", "||W||_F"),
-              ("drift", "||W - W0||_F"), ("orthogonality_error", "||Q^T Q - I||_F (MOSE)"))
+    panels = (("condition_number", "condition number / unedited", True), ("frobenius_norm", "||W||_F / unedited", True),
+              ("drift", "||W - W0||_F", False), ("orthogonality_error", "||Q^T Q - I||_F (MOSE)", False))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title, relative) in zip(axes, panels):
         for method, result in report["methods"].items():
             rows = [r for r in result["diagnostics"] if key in r]
-            if rows:
-                ax.plot([r["n_edits"] for r in rows], [sum(r[key]) / len(r[key]) for r in rows], marker=".",
-                        label=method)
+            if not rows:
+                continue
+            first = rows[0][key]
+            values = [[v / f for v, f in zip(r[key], first)] if relative else r[key] for r in rows]
+            ax.plot([r["n_edits"] for r in rows], [sum(v) / len(v) for v in values], marker=".", label=method)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("edits")
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log" if relative else "symlog", **({} if relative else {"linthresh": 1e-6}))
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend()
-    fig.suptitle(f"Stability of the edited matrices (mean over {report['config']['edit_modules']}), "
+    fig.suptitle(f"Stability of the edited matrices (mean over each method's edit modules), "
                  f"{report['n_requests']} sequential edits", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
