@@ -85,6 +85,8 @@ def run_sequential(args: argparse.Namespace) -> None:
 
     from horse_pl.sequential.runner import SequentialConfig, SequentialRun
 
+    if "horse" in (args.methods or ()) and not args.editor:
+        raise EditorLoadError("The 'horse' sequential method needs --editor (a folder from 'train.py export').")
     requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid, limit=args.limit)
     if not requests:
         raise RecordError(f"{args.requests} has no valid edit requests.")
