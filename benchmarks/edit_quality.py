@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine, write_json  # noqa: E402
+from common import machine, pyplot, save_figure, write_json  # noqa: E402
 
 DATA = {"zsre": ROOT.parent / "shared" / "data" / "zsre" / "zsre_eval_1k.json.gz",
         "counterfact": ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_eval_10k.json.gz"}
@@ -110,12 +110,7 @@ def evaluate(args) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.6))
     for ax, score in zip(axes, ("ES", "GS", "LS")):
         ns = sorted(int(n) for n in report["unedited"])
         for name, result in report["editors"].items():
@@ -125,10 +120,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set(xscale="log", xlabel="simultaneous edits N", title=score, ylim=(0, 1))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{report['dataset']}: edit quality vs number of simultaneous edits ({report['date']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{report['dataset']}: edit quality vs number of simultaneous edits ({report['date']})")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine, write_json  # noqa: E402
+from common import machine, pyplot, save_figure, write_json  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_train_10k.json.gz"
 
@@ -148,14 +148,9 @@ def fit_slope(xs, ys, log: bool) -> float:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = report["results"]
     ns = [r["n_edits"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for key, label in (("total", "edit (capture+predict+spread+solve+merge)"), ("capture", "capture")):
         ax1.plot(ns, [r["edit"][key] for r in rows], marker="o", label=label)
     ax1.plot(ns, [r["floor"] for r in rows], marker="s", linestyle="--", label="floor (fwd+bwd, grads at edit modules)")
@@ -167,10 +162,7 @@ def plot(report: dict, path: Path) -> None:
     ax2.set(xscale="log", xlabel="simultaneous edits N", ylabel="peak memory over loaded model (MiB)")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{report['model']} ({report['dtype']}, {report['device']}), {report['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{report['model']} ({report['dtype']}, {report['device']}), {report['machine']}")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -185,6 +185,6 @@ def test_general_tasks_load_and_score(tiny_llama):
     examples = general.load_task(GENERAL, "sst2", 8)
     acc = general.choice_accuracy(model, tok, examples)
     assert acc == general.choice_accuracy(model, tok, list(reversed(examples)))  # order-independent
-    assert general.chance_level(GENERAL, "open_domain_qa", 8, tok) == 1 / len(tok)
+    assert general.chance_level("open_domain_qa", general.load_task(GENERAL, "open_domain_qa", 8), tok) == 1 / len(tok)
     assert 0 <= general.qa_accuracy(model, tok, qa[:4]) <= 1
     assert general.perplexity(model, tok, ["a short text", "another one here"]) > 1

@@ -15,16 +15,17 @@ from torch import nn
 from horse_pl.edit_modules import weight_in_out
 
 
+def shift_hook(shift: torch.Tensor):
+    """A forward hook making a module compute ``output + input @ shift`` (shift in (d_in, d_out))."""
+    def hook(module, inputs, output):
+        return output + (inputs[0].to(shift.dtype) @ shift).to(output.dtype)
+    return hook
+
+
 @contextmanager
 def applied(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor]):
     """Inside the block, each module computes ``output + input @ shift`` (shift in (d_in, d_out))."""
-    def make_hook(shift: torch.Tensor):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            return output + (x.to(shift.dtype) @ shift).to(output.dtype)
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(s)) for m, s in zip(modules, shifts)]
+    handles = [m.register_forward_hook(shift_hook(s)) for m, s in zip(modules, shifts)]
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ from torch import nn
 
 from horse_pl.edit_modules import get_modules, weight_in_out
 from horse_pl.editing.lm import answer_ce
-from horse_pl.editing.shifts import merge
+from horse_pl.editing.shifts import merge, shift_hook
 
 ADAPTER = "default"
 
@@ -115,12 +115,8 @@ class MoseEditor:
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, list[float]]:
-        eye = None
-        errors = []
-        for q in self.rotations():
-            eye = torch.eye(q.shape[0]) if eye is None or eye.shape != q.shape else eye
-            errors.append(float(torch.linalg.matrix_norm(q.T @ q - eye)))
-        return {"orthogonality_error": errors}
+        return {"orthogonality_error": [float(torch.linalg.matrix_norm(q.T @ q - torch.eye(q.shape[0])))
+                                        for q in self.rotations()]}
 
 
 class FineTuneEditor:
@@ -140,13 +136,7 @@ class FineTuneEditor:
         self.layers = get_modules(model, self.edit_modules)
         self.original = [weight_in_out(m).detach().T.float().clone() for m in self.layers]  # (d_out, d_in)
         self.shifts = [torch.zeros(w.shape[1], w.shape[0], requires_grad=True) for w in self.original]  # (d_in, d_out)
-        self._handles = [m.register_forward_hook(self._hook(s)) for m, s in zip(self.layers, self.shifts)]
-
-    @staticmethod
-    def _hook(shift: torch.Tensor):
-        def hook(module, inputs, output):
-            return output + (inputs[0].to(shift.dtype) @ shift).to(output.dtype)
-        return hook
+        self._handles = [m.register_forward_hook(shift_hook(s)) for m, s in zip(self.layers, self.shifts)]
 
     def edit(self, micro_batches: Sequence[dict]) -> list[float]:
         start = [s.detach().clone() for s in self.shifts]

@@ -23,7 +23,7 @@ from horse_pl.edit_modules import resolve_edit_modules
 from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
 from horse_pl.models import load_model
 from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
-from horse_pl.sequential.general import above_chance, chance_level, general_abilities, retention
+from horse_pl.sequential.general import above_chance, chance_level, general_abilities, load_task, retention
 
 log = logging.getLogger(__name__)
 METHODS = ("mose", "ft", "horse")
@@ -110,9 +110,9 @@ class SequentialRun:
         if cfg.general_data and cfg.general_tasks:
             self.report["general_before"] = general_abilities(model, self.tokenizer, cfg.general_data,
                                                               cfg.general_tasks, cfg.general_limit)
-            chance = {t: chance_level(cfg.general_data, t, cfg.general_limit, self.tokenizer)
-                      for t in cfg.general_tasks}
-            n = {t: len(self._task_len(t)) for t in cfg.general_tasks}
+            examples = {t: load_task(cfg.general_data, t, cfg.general_limit) for t in cfg.general_tasks}
+            chance = {t: chance_level(t, examples[t], self.tokenizer) for t in cfg.general_tasks}
+            n = {t: len(examples[t]) for t in cfg.general_tasks}
             self.kept = [t for t in cfg.general_tasks
                          if above_chance(self.report["general_before"][t], chance[t], n[t])]
             self.report["general_tasks"] = {
@@ -120,10 +120,6 @@ class SequentialRun:
                     "kept": t in self.kept} for t in cfg.general_tasks}
         self.report["unedited_seconds"] = time.perf_counter() - start
         del model
-
-    def _task_len(self, task: str):
-        from horse_pl.sequential.general import load_task
-        return load_task(self.cfg.general_data, task, self.cfg.general_limit)
 
     def _batch(self, rows: Sequence[int]) -> dict:
         return self.collate([self.table[i] for i in rows])
