@@ -246,3 +246,56 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
         torch.testing.assert_close(cap.keys[i], inputs[i][mask].detach())
         torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[mask], rtol=1e-5, atol=1e-8)
         assert cap.value_grads[i].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kind, monkeypatch):
+    """Running a right-padded micro-batch in row groups trimmed to their own length changes no answer logit,
+    keeps the row order, and capture still matches plain autograd through the padded micro-batch."""
+    from horse_pl.data.tokenize import collate, tokenize_pairs
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules
+    from horse_pl.editing import lm as lm_passes
+    from horse_pl.editing.capture import capture
+    from horse_pl.models import load_model
+
+    model, tok = load_model(tiny_models[kind])
+    prompts = ["Hi?", "What is the capital of Freedonia, the small country?", "Who?",
+               "Which river flows through the middle of the old town of Freedonia?"]
+    answers = ["Yes", "Paris", "Me and you and everybody else here", "The Rhine"]
+    mb = collate(tokenize_pairs(tok, prompts, answers, max_length=1024), tok.pad_token_id)
+    groups = lm_passes.row_groups(mb, overhead=0)
+    assert len(groups) > 1 and sum(g["input_ids"].shape[0] for g in groups) == 4
+    assert all(bool(g["attention_mask"][:, -1].any()) for g in groups)  # each trimmed to its longest row
+    assert lm_passes.row_groups(mb, overhead=10**9)[0]["input_ids"].shape == mb["input_ids"].shape
+
+    with torch.no_grad():
+        monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 10**9)
+        padded, labels = lm_passes.answer_logits(model, mb)
+        monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 0)
+        grouped, grouped_labels = lm_passes.answer_logits(model, mb)
+    assert torch.equal(labels, grouped_labels)
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
+
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    cap = capture(model, modules, [mb])  # in groups (overhead 0)
+    monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 10**9)
+    whole = capture(model, modules, [mb])
+    assert cap.loss == pytest.approx(whole.loss, rel=1e-5)
+    for i in range(len(modules)):
+        torch.testing.assert_close(cap.keys[i], whole.keys[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cap.value_grads[i], whole.value_grads[i], rtol=1e-4, atol=1e-8)
+
+
+def test_applied_shift_on_a_bf16_module_is_not_rounded_away():
+    """A bf16 module keeps ``x W`` in bf16 and adds ``x dW`` computed in fp32, so a shift far below bf16
+    resolution of the weights still changes the output; the weights are never written."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 5, bias=False).to(torch.bfloat16)
+    before = layer.weight.detach().clone()
+    shift = torch.full((8, 5), 1e-3)
+    x = torch.ones(2, 8, dtype=torch.bfloat16)
+    with applied([layer], [shift]):
+        edited = layer(x)
+    expected = x @ before.T + (x.float() @ shift).to(torch.bfloat16)
+    torch.testing.assert_close(edited, expected)
+    assert torch.equal(layer.weight, before)

@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.editing.lm import answer_ce
+from horse_pl.editing.lm import group_answer_logits, row_groups
 
 
 @dataclass
@@ -68,11 +69,17 @@ def capture(
     grads: list[list[torch.Tensor]] = [[] for _ in modules]
     total = 0.0
     for mb in micro_batches:
-        mask = (mb["labels"] != IGNORE_INDEX) if positions == "answer" else mb["attention_mask"].bool()
-        with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
-            loss = answer_ce(model, mb)
-            loss.backward()
-        total += float(loss.detach())
+        n_answer = int((mb["labels"] != IGNORE_INDEX).sum())
+        loss = 0.0
+        # the micro-batch's mean CE, computed one trimmed row group at a time (rows stay in order)
+        for group in row_groups(mb):
+            mask = (group["labels"] != IGNORE_INDEX) if positions == "answer" else group["attention_mask"].bool()
+            with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
+                logits, labels = group_answer_logits(model, group)
+                group_loss = F.cross_entropy(logits, labels, reduction="sum") / n_answer
+                group_loss.backward()
+            loss += float(group_loss.detach())
+        total += loss
     # Backward hooks fire from the last layer down; value_grads were appended per micro-batch all the same.
     return Capture(keys=[torch.cat(k) for k in keys], value_grads=[torch.cat(g) for g in grads],
                    loss=total / max(1, len(micro_batches)))
