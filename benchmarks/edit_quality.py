@@ -118,7 +118,9 @@ def plot(report: dict, path: Path) -> None:
         ax.plot(ns, [report["unedited"][str(n)].get(score, float("nan")) for n in ns], linestyle="--", color="gray",
                 label="unedited")
         ax.set(xscale="log", xlabel="simultaneous edits N", title=score, ylim=(0, 1))
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     save_figure(fig, path, f"{report['dataset']}: edit quality vs number of simultaneous edits ({report['date']})")
 
