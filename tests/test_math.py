@@ -251,7 +251,7 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kind, monkeypatch):
     """Running a right-padded micro-batch in row groups trimmed to their own length changes no answer logit,
-    keeps the row order, and capture still matches plain autograd through the padded micro-batch."""
+    keeps the row order, and capture in groups equals capture of the whole padded micro-batch."""
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, resolve_edit_modules
     from horse_pl.editing import lm as lm_passes
