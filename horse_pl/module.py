@@ -41,6 +41,9 @@ class EditorModule(L.LightningModule):
         n_blocks: number of hypernetwork blocks.
         lr: initial per-layer editing learning rate.
         meta_lr: Adam learning rate of the hypernetwork.
+        meta_lr_schedule: ``constant``, or ``cosine``: decay ``meta_lr`` to ``meta_lr * min_meta_lr_ratio``
+            over the run's ``max_steps`` (one step per edit batch).
+        min_meta_lr_ratio: the cosine schedule's final fraction of ``meta_lr``.
         spread: residual spread stage (default HORSE ``GramSchmidtSpread``; ``ReferenceSpread``, MALMEN ``NoSpread``).
         update: how residuals become shifts (default ``ClosedFormUpdate``; MEND ``OuterProductUpdate``).
         positions: capture at ``answer`` tokens (HORSE/MALMEN) or ``all`` tokens (MEND).
@@ -62,6 +65,8 @@ class EditorModule(L.LightningModule):
         n_blocks: int = 2,
         lr: float = 1e-6,
         meta_lr: float = 1e-5,
+        meta_lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_meta_lr_ratio: float = 0.0,
         spread: Spread | None = None,
         update: ParamShiftUpdate | None = None,
         positions: Literal["answer", "all"] = "answer",
@@ -104,7 +109,16 @@ class EditorModule(L.LightningModule):
         return get_modules(self.lm, self.module_names)
 
     def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=self.hparams.meta_lr)
+        hp = self.hparams
+        optimizer = torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=hp.meta_lr)
+        if hp.meta_lr_schedule == "constant":
+            return optimizer
+        if hp.meta_lr_schedule != "cosine":
+            raise ValueError(f"--model.meta_lr_schedule must be 'constant' or 'cosine', not '{hp.meta_lr_schedule}'.")
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total),
+                                                               eta_min=hp.meta_lr * hp.min_meta_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self, *args, **kwargs):
@@ -197,12 +211,16 @@ class EditorModule(L.LightningModule):
         cap, state = self.compute_shifts(local["edit"], training=True, times=times)
         with self._timed(times, "losses"):
             losses = self.meta_losses(local, state)
+        self.log("train/meta_lr", optimizer.param_groups[0]["lr"], batch_size=batch["n_edits"])  # this step's rate
         with self._timed(times, "update"):
             shift_grads = [reduce(s.grad) for s in state.param_shifts]  # G_W of the global loss
             self.editor.backward(cap, state, shift_grads, reduce)
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:  # manual optimisation: the schedule is stepped here, once per edit batch
+                scheduler.step()
         self._log_step(batch, cap.loss, losses, state, times)
 
     def _log_step(self, batch, edit_loss, losses, state, times) -> None:

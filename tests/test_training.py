@@ -82,6 +82,23 @@ def test_resume_continues_exactly(tiny_llama, tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_cosine_meta_lr_schedule_decays_and_resumes_exactly(tiny_llama, tmp_path):
+    """The cosine schedule reaches its floor at max_steps, and its state travels in the checkpoint: resuming
+    from the step-2 checkpoint of a 4-step run ends with the parameters of the uninterrupted run."""
+    cosine = {"trainer.limit_val_batches": 0, "model.meta_lr_schedule": "cosine", "model.min_meta_lr_ratio": 0.1}
+    straight = cli(["fit"] + _args(tiny_llama, tmp_path / "s", steps=4, **cosine) + _checkpoint_every_step(tmp_path / "s"))
+    optimizer = straight.trainer.optimizers[0]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # 1e-3 * 0.1 after the 4th step
+    step2 = next((tmp_path / "s").glob("*step=2*.ckpt"))
+    resumed = cli(["fit"] + _args(tiny_llama, tmp_path / "b", steps=4, **cosine) + ["--ckpt_path", str(step2)])
+    assert resumed.trainer.global_step == 4
+    expected, got = _params(straight.model), _params(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    constant = cli(["fit"] + _args(tiny_llama, tmp_path / "c", steps=4, **{"trainer.limit_val_batches": 0}))
+    assert any(not torch.equal(_params(constant.model)[k], expected[k]) for k in expected)
+
+
 def test_resume_onto_another_base_model_is_refused(tmp_path, capsys):
     """Resuming reloads the base model named in the checkpoint; if different weights now stand behind that
     name (an updated folder or hub revision), the fingerprint refuses the resume."""
