@@ -86,7 +86,8 @@ def test_cosine_meta_lr_schedule_decays_and_resumes_exactly(tiny_llama, tmp_path
     """The cosine schedule reaches its floor at max_steps, and its state travels in the checkpoint: resuming
     from the step-2 checkpoint of a 4-step run ends with the parameters of the uninterrupted run."""
     cosine = {"trainer.limit_val_batches": 0, "model.meta_lr_schedule": "cosine", "model.min_meta_lr_ratio": 0.1}
-    straight = cli(["fit"] + _args(tiny_llama, tmp_path / "s", steps=4, **cosine) + _checkpoint_every_step(tmp_path / "s"))
+    every_step = _checkpoint_every_step(tmp_path / "s")
+    straight = cli(["fit"] + _args(tiny_llama, tmp_path / "s", steps=4, **cosine) + every_step)
     optimizer = straight.trainer.optimizers[0]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # 1e-3 * 0.1 after the 4th step
     step2 = next((tmp_path / "s").glob("*step=2*.ckpt"))
