@@ -78,6 +78,8 @@ class EditorModule(L.LightningModule):
         cache_dtype: str = "float32",
     ):
         super().__init__()
+        if meta_lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--model.meta_lr_schedule must be 'constant' or 'cosine', not '{meta_lr_schedule}'.")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the editor, not the frozen LM's weights
@@ -113,8 +115,6 @@ class EditorModule(L.LightningModule):
         optimizer = torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=hp.meta_lr)
         if hp.meta_lr_schedule == "constant":
             return optimizer
-        if hp.meta_lr_schedule != "cosine":
-            raise ValueError(f"--model.meta_lr_schedule must be 'constant' or 'cosine', not '{hp.meta_lr_schedule}'.")
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total),
                                                                eta_min=hp.meta_lr * hp.min_meta_lr_ratio)

@@ -44,6 +44,12 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.editor.state_dict().items()}
 
 
+def _assert_same_params(got_module, expected_module) -> None:
+    expected, got = _params(expected_module), _params(got_module)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("method", ["horse", "reference", "malmen", "mend"])
 def test_fit_then_validate_runs_every_method(tiny_llama, tmp_path, method):
     run = cli(["fit"] + _args(tiny_llama, tmp_path, steps=2, method=method))
@@ -77,9 +83,7 @@ def test_resume_continues_exactly(tiny_llama, tmp_path):
     resumed = cli(["fit"] + _args(tiny_llama, tmp_path / "b", steps=4, **{"trainer.limit_val_batches": 0})
                   + ["--ckpt_path", str(tmp_path / "a" / "last.ckpt")])
     assert resumed.trainer.global_step == 4
-    expected, got = _params(straight.model), _params(resumed.model)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    _assert_same_params(resumed.model, straight.model)
 
 
 def test_cosine_meta_lr_schedule_decays_and_resumes_exactly(tiny_llama, tmp_path):
@@ -93,10 +97,9 @@ def test_cosine_meta_lr_schedule_decays_and_resumes_exactly(tiny_llama, tmp_path
     step2 = next((tmp_path / "s").glob("*step=2*.ckpt"))
     resumed = cli(["fit"] + _args(tiny_llama, tmp_path / "b", steps=4, **cosine) + ["--ckpt_path", str(step2)])
     assert resumed.trainer.global_step == 4
-    expected, got = _params(straight.model), _params(resumed.model)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    _assert_same_params(resumed.model, straight.model)
     constant = cli(["fit"] + _args(tiny_llama, tmp_path / "c", steps=4, **{"trainer.limit_val_batches": 0}))
+    expected = _params(straight.model)
     assert any(not torch.equal(_params(constant.model)[k], expected[k]) for k in expected)
 
 

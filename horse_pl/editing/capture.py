@@ -2,9 +2,8 @@
 
 One forward and one backward per micro-batch (per trimmed row group of it, see
 :func:`horse_pl.editing.lm.row_groups`; the loss is still the micro-batch's mean) serve all edit
-modules. The LM's weights need no
-gradient: each edit module's output is made a leaf that requires grad, so the backward pass stops
-at the lowest edit module instead of running through the whole network.
+modules. The LM's weights need no gradient: each edit module's output is made a leaf that requires
+grad, so the backward pass stops at the lowest edit module instead of running through the whole network.
 """
 
 from __future__ import annotations
