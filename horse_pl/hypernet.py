@@ -71,7 +71,12 @@ class RunningMeanStd(nn.Module):
 
 
 class LowRankBlock(nn.Module):
-    """``h <- h + s[l] * relu(h A B + c) + t[l]``; ``B = 0`` at init, so the block starts as the identity."""
+    """``h <- h + s[l] * relu(h A B + c) + t[l]``; ``B = 0`` at init, so the block starts as the identity.
+
+    The ReLU is ``clamp(min=0)``, whose gradient at 0 is 1 (as in the released MALMEN/HORSE code).
+    At init ``h A B + c`` is exactly 0 for every row; ``torch.relu``'s gradient there is 0, so ``B``,
+    ``c`` and the scale would get no gradient and the low-rank map would never leave its initialisation.
+    """
 
     def __init__(self, size: int, rank: int, n_modules: int):
         super().__init__()
@@ -84,7 +89,7 @@ class LowRankBlock(nn.Module):
         nn.init.zeros_(self.shift.weight)
 
     def forward(self, h: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(h @ self.A @ self.B + self.bias)
+        x = (h @ self.A @ self.B + self.bias).clamp(min=0)
         return h + self.scale(module_idx) * x + self.shift(module_idx)
 
 

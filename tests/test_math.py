@@ -10,7 +10,7 @@ from horse_pl.editing.editor import Editor, merge_moments
 from horse_pl.editing.shifts import applied, merge
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread
 from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate
-from horse_pl.hypernet import RunningMeanStd
+from horse_pl.hypernet import EditorNet, RunningMeanStd
 
 
 def _residuals(n_layers=4, n=12, d=6, scale=1e-6, seed=0):
@@ -125,6 +125,21 @@ def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, lear
         assert any("lamda" in name for name in got)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_fresh_hypernetwork_is_the_identity_and_every_block_parameter_learns():
+    """At init (B = 0) the blocks are the identity, and the first meta-gradient still reaches B and the
+    bias: the block's ReLU must pass gradient at exactly 0, or the low-rank map stays frozen for good."""
+    torch.manual_seed(0)
+    net = EditorNet(key_size=6, value_size=4, rank=5, n_blocks=2, n_modules=3, lr=1e-6)
+    keys, grads = torch.randn(9, 6), torch.randn(9, 4)
+    net.normalizer.update(torch.cat((keys, grads), -1))
+    pseudo_keys, pseudo_grads = net(keys, grads, module_idx=1)
+    torch.testing.assert_close(torch.cat((pseudo_keys, pseudo_grads), -1), net.normalizer(torch.cat((keys, grads), -1)))
+    (pseudo_keys.sum() + (pseudo_grads * torch.randn(9, 4)).sum()).backward()
+    for i, block in enumerate(net.blocks):
+        for name in ("B", "bias"):
+            assert getattr(block, name).grad.abs().sum() > 0, f"block {i}: {name} gets no gradient at init"
 
 
 def test_apply_then_revert_leaves_weights_bit_identical():
