@@ -36,8 +36,18 @@ def test_two_processes_equal_one(tiny_llama, tmp_path, method):
     editor_one = {k: v for k, v in one["state_dict"].items() if k.startswith("editor.")}
     editor_two = {k: v for k, v in two["state_dict"].items() if k.startswith("editor.")}
     assert set(editor_one) == set(editor_two) and editor_one
-    for name in editor_one:  # hypernetwork after the update, normaliser statistics, lr and lambda
-        torch.testing.assert_close(editor_two[name], editor_one[name], rtol=1e-4, atol=1e-7, msg=name)
+    # The same hypernetwork gradient: after one step Adam's first moment is 0.1 x the gradient.
+    moments = [[s["exp_avg"] for s in run["optimizer_states"][0]["state"].values()] for run in (one, two)]
+    assert moments[0] and len(moments[0]) == len(moments[1])
+    for m_one, m_two in zip(*moments):
+        torch.testing.assert_close(m_two, m_one, rtol=1e-4, atol=1e-6 * float(m_one.abs().max()) + 1e-12)
+    # The updated editor. Adam's first step is about meta_lr * sign(gradient), so float rounding in a
+    # near-zero gradient entry can flip it: the blocks' weights agree to 2 x meta_lr; everything else
+    # (normaliser statistics, lr, lambda, scale and shift) to float precision.
+    for name in editor_one:
+        block_weight = ".blocks." in name and name.rsplit(".", 1)[-1] in ("A", "B", "bias")
+        atol = 2.0e-3 + 1e-7 if block_weight else 1e-7
+        torch.testing.assert_close(editor_two[name], editor_one[name], rtol=1e-4, atol=atol, msg=name)
     counts = [v for k, v in editor_one.items() if k.endswith("normalizer.count")]
     assert counts and all(float(c) > 0 for c in counts)
     for name in ("val/ES", "val/GS", "val/LS", "val/LS_agree", "val/unedited_ES", "val/unedited_LS"):
