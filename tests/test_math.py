@@ -263,6 +263,33 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
         assert cap.value_grads[i].abs().sum() > 0
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy(bias, softcap, monkeypatch):
+    """The chunked cross-entropy that never holds the full logits gives the loss and d loss / d hidden of
+    ``F.cross_entropy(output(hidden), labels, reduction="sum")``, with a bias and a Gemma-style softcap."""
+    from horse_pl.editing import lm as lm_passes
+
+    torch.manual_seed(0)
+    output = torch.nn.Linear(16, 300, bias=bias).requires_grad_(False)
+    hidden = torch.randn(37, 16, dtype=torch.float64).float().requires_grad_(True)
+    labels = torch.randint(0, 300, (37,))
+    monkeypatch.setattr(lm_passes, "CE_CHUNK_ELEMENTS", 300 * 5)  # 5 rows per chunk, the last one partial
+    fused = lm_passes.linear_cross_entropy(hidden, output, labels, softcap)
+    (2.5 * fused).backward()
+    fused_grad, hidden.grad = hidden.grad, None
+    logits = output(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (2.5 * plain).backward()
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(fused_grad, hidden.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        torch.testing.assert_close(lm_passes.linear_cross_entropy(hidden, output, labels, softcap), plain.detach(),
+                                   rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kind, monkeypatch):
     """Running a right-padded micro-batch in row groups trimmed to their own length changes no answer logit,

@@ -18,7 +18,9 @@ def test_zsre_train_reports_the_35_empty_targets():
     first = requests[0]
     assert (first.prompt, first.target, first.ground_truth) == (
         "What is the native language of Christiane Cohendy?", "German", "French")
-    assert first.locality_prompt.startswith("nq question: ")
+    raw = json.load(gzip.open(ZSRE_TRAIN))[0]
+    assert first.locality_prompt == raw["loc"] + "?" and first.locality_prompt.startswith("nq question: ")
+    assert first.locality_answer == raw["loc_ans"]
 
 
 def test_zsre_eval_has_portability():

@@ -137,12 +137,18 @@ def _first_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def _question(text: str | None) -> str | None:
+    """A Natural Questions query as a question: zsRE stores them without the question mark."""
+    return text if text is None or text.rstrip().endswith("?") else text.rstrip() + "?"
+
+
 def _zsre(r: dict) -> EditRequest:
     answers = r.get("answers")
     port = r.get("portability") if isinstance(r.get("portability"), dict) else {}
     return EditRequest(
         prompt=_text(r, "src"), target=_text(r, "alt"), rephrase=_text(r, "rephrase"),
-        locality_prompt=_text(r, "loc"), locality_answer=_text(r, "loc_ans"),
+        # "nq question: who ..." + "?", as the released MALMEN/HORSE loaders feed the unrelated prompt
+        locality_prompt=_question(_text(r, "loc")), locality_answer=_text(r, "loc_ans"),
         ground_truth=_first_text(answers), subject=_text(r, "subject", False),
         portability_prompt=_first_text(port.get("New Question")),
         portability_answer=_first_text(port.get("New Answer")),

@@ -13,11 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.editing.lm import group_answer_logits, row_groups
+from horse_pl.editing.lm import group_answer_ce_sum, row_groups
 
 
 @dataclass
@@ -76,8 +75,7 @@ def capture(
         for group in row_groups(mb):
             mask = (group["labels"] != IGNORE_INDEX) if positions == "answer" else group["attention_mask"].bool()
             with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
-                logits, labels = group_answer_logits(model, group)
-                group_loss = F.cross_entropy(logits, labels, reduction="sum") / n_answer
+                group_loss = group_answer_ce_sum(model, group) / n_answer
                 group_loss.backward()
             loss += float(group_loss.detach())
         total += loss

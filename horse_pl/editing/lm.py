@@ -50,18 +50,90 @@ def row_groups(micro_batch: dict[str, torch.Tensor], overhead: int | None = None
     return groups
 
 
-def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (fp32) and labels at the labelled positions of one row group, as (n_tokens, vocab) and (n_tokens,)."""
+def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states and labels at the labelled positions of one row group."""
     mask = group["attention_mask"]
     hidden = model.base_model(
         input_ids=group["input_ids"], attention_mask=None if bool(mask.all()) else mask, use_cache=False
     ).last_hidden_state
     answer = group["labels"] != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[answer]).float()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return hidden[answer], group["labels"][answer]
+
+
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None) or None
+
+
+def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32) and labels at the labelled positions of one row group, as (n_tokens, vocab) and (n_tokens,)."""
+    hidden, labels = _answer_hidden(model, group)
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = _softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits, group["labels"][answer]
+    return logits, labels
+
+
+# Rows of logits formed at once by the fused cross-entropy (bounded by elements, so large vocabularies
+# take fewer rows): about 16 MB of fp32 logits per chunk.
+CE_CHUNK_ELEMENTS = 1 << 22
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` (optionally soft-capped) against ``labels``.
+
+    The logits are formed chunk by chunk and, when ``hidden`` needs a gradient, turned into
+    ``d loss / d hidden`` at once (softmax minus one-hot, times the output weight), so the full
+    (tokens x vocab) logits, their log-softmax and its zero-filled gradient are never held.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, softcap):
+        need_grad = ctx.needs_input_grad[0]
+        rows = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], labels[start:start + rows]
+            logits = F.linear(h, weight, bias).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, -1)
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            total += (lse - target).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(y), device=y.device), y] -= 1
+                if softcap:
+                    probs.mul_(1 - capped * capped)
+                grad_hidden[start:start + rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_output * grad_hidden).to(grad_hidden.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor,
+                         softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the logits ``output(hidden)`` (Gemma-style ``softcap`` applied when given),
+    without materialising the full logits; equals ``F.cross_entropy(logits, labels, reduction="sum")``."""
+    bias = getattr(output, "bias", None)
+    if output.weight.requires_grad or (bias is not None and bias.requires_grad):  # a trained output layer
+        logits = output(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, labels, reduction="sum")
+    return _LinearCrossEntropy.apply(hidden, output.weight, bias, labels, softcap)
+
+
+def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the answer tokens of one row group."""
+    hidden, labels = _answer_hidden(model, group)
+    return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, _softcap(model))
 
 
 def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,5 +150,5 @@ def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> tup
 
 def answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of a micro-batch."""
-    logits, labels = answer_logits(model, micro_batch)
-    return F.cross_entropy(logits, labels)
+    n_answer = int((micro_batch["labels"] != IGNORE_INDEX).sum())
+    return sum(group_answer_ce_sum(model, group) for group in row_groups(micro_batch)) / n_answer
