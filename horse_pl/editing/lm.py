@@ -4,6 +4,9 @@ A micro-batch is right-padded to its longest sequence. Before the forward pass i
 into contiguous groups, each trimmed to its own longest sequence (:func:`row_groups`), so little
 compute is spent on padding; with right padding and causal attention the real tokens' outputs do
 not depend on how much padding follows them, so the results are those of the padded micro-batch.
+
+Losses (training passes, capture) go through :func:`linear_cross_entropy`, which never holds the
+answer tokens' full logits; scoring, which needs them, uses :func:`answer_logits`.
 """
 
 from __future__ import annotations
