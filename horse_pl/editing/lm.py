@@ -67,14 +67,16 @@ def _softcap(model: nn.Module) -> float | None:
     return getattr(model.config.get_text_config(), "final_logit_softcapping", None) or None
 
 
+def _logits(output: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 logits of ``output(hidden)``, Gemma-style soft-capped when ``softcap`` is given."""
+    logits = output(hidden).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (fp32) and labels at the labelled positions of one row group, as (n_tokens, vocab) and (n_tokens,)."""
     hidden, labels = _answer_hidden(model, group)
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits, labels
+    return _logits(model.get_output_embeddings(), hidden, _softcap(model)), labels
 
 
 # Rows of logits formed at once by the fused cross-entropy (bounded by elements, so large vocabularies
@@ -126,10 +128,7 @@ def linear_cross_entropy(hidden: torch.Tensor, output: nn.Linear, labels: torch.
     without materialising the full logits; equals ``F.cross_entropy(logits, labels, reduction="sum")``."""
     bias = getattr(output, "bias", None)
     if output.weight.requires_grad or (bias is not None and bias.requires_grad):  # a trained output layer
-        logits = output(hidden).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, labels, reduction="sum")
+        return F.cross_entropy(_logits(output, hidden, softcap), labels, reduction="sum")
     return _LinearCrossEntropy.apply(hidden, output.weight, bias, labels, softcap)
 
 
