@@ -25,9 +25,10 @@ class HorseCLI(LightningCLI):
 def cli(args=None, run: bool = True) -> HorseCLI:
     """Build (and by default run) the CLI; ``args`` as a list or dict for tests."""
     # The data module shards each global edit batch itself (see shard_batch), so Lightning must not
-    # replace its sampler with a DistributedSampler.
+    # replace its sampler with a DistributedSampler; and evaluating an editor needs gradients (the edit
+    # prompts' value gradients), which torch.inference_mode, Lightning's default for validate/test, forbids.
     return HorseCLI(EditorModule, EditDataModule, args=args, run=run, save_config_kwargs={"overwrite": True},
-                    trainer_defaults={"use_distributed_sampler": False})
+                    trainer_defaults={"use_distributed_sampler": False, "inference_mode": False})
 
 
 def main(args=None) -> None:

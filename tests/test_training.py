@@ -70,6 +70,21 @@ def test_fit_then_validate_runs_every_method(tiny_llama, tmp_path, method):
     assert ckpt["horse_pl"]["fingerprint"] == module.fingerprint
 
 
+def test_validate_and_test_from_a_checkpoint_reproduce_the_fit_validation(tiny_llama, tmp_path):
+    """``train.py validate/test --ckpt_path`` edit under gradients (Lightning evaluates in inference mode by
+    default) and, with the normaliser frozen outside training, give exactly the scores of fit's validation."""
+    fit = cli(["fit"] + _args(tiny_llama, tmp_path, steps=2) + _checkpoint_every_step(tmp_path / "ckpt"))
+    fitted = {k: float(v) for k, v in fit.trainer.callback_metrics.items() if k.startswith("val/")}
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    for command, prefix in (("validate", "val/"), ("test", "test/")):
+        run = cli([command] + _args(tiny_llama, tmp_path / command, steps=2, **{"data.test_path": small_zsre()[1],
+                                                                              "trainer.limit_test_batches": 2})
+                  + ["--ckpt_path", ckpt])
+        got = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith(prefix)}
+        for name in ("ES", "GS", "LS", "unedited_ES", "unedited_LS"):
+            assert got[prefix + name] == pytest.approx(fitted["val/" + name], abs=1e-6), (command, name)
+
+
 def _checkpoint_every_step(folder: Path) -> list[str]:
     return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             "--trainer.callbacks.dirpath", str(folder), "--trainer.callbacks.save_last", "true",

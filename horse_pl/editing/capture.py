@@ -65,6 +65,9 @@ def capture(
     non-padding position (``"all"``, MEND)."""
     if positions not in ("answer", "all"):
         raise ValueError(f"capture positions must be 'answer' or 'all', not '{positions}'.")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("Capturing value gradients needs autograd, which torch.inference_mode disables; "
+                           "run editing outside inference mode (for a Lightning Trainer: inference_mode=False).")
     keys: list[list[torch.Tensor]] = [[] for _ in modules]
     grads: list[list[torch.Tensor]] = [[] for _ in modules]
     total = 0.0
