@@ -77,6 +77,18 @@ def test_validation_remainder_is_kept_and_logged(tiny_llama, caplog):
     assert {"portability", "edit_true", "locality_new"} <= set(batches[0])
 
 
+def test_validation_batches_in_file_order_or_seeded_random(tiny_llama):
+    in_order = [b["index"].tolist() for b in _dm(tiny_llama).val_dataloader()]
+    assert in_order == [list(range(10)), list(range(10, 20)), list(range(20, 25))]
+    dm = _dm(tiny_llama, val_shuffle=True, seed=5)
+    shuffled = [b["index"].tolist() for b in dm.val_dataloader()]
+    assert [b["index"].tolist() for b in dm.val_dataloader()] == shuffled  # the same batches every evaluation
+    assert [b["index"].tolist() for b in _dm(tiny_llama, val_shuffle=True, seed=5).val_dataloader()] == shuffled
+    assert shuffled != in_order and [len(b) for b in shuffled] == [10, 10, 5]
+    assert sorted(i for b in shuffled for i in b) == list(range(25))  # still the first val_limit records, each once
+    assert [b["index"].tolist() for b in _dm(tiny_llama, val_shuffle=True, seed=6).val_dataloader()] != shuffled
+
+
 def test_counterfact_eval_views(tiny_llama):
     dm = _dm(tiny_llama, train_path=str(CF_EVAL), val_path=str(CF_EVAL), dataset="counterfact")
     batch = next(iter(dm.val_dataloader()))

@@ -153,6 +153,10 @@ class EditDataModule(L.LightningDataModule):
         batch_size: sequences per forward/backward micro-batch.
         val_n_edits: requests edited together at validation (default ``n_edits``).
         val_limit: evaluate only the first ``val_limit`` records of the evaluation file.
+        val_shuffle: cut the evaluation records into edit batches at random (fixed by ``seed``, the same
+            batches at every evaluation) instead of in file order. The released HORSE/MALMEN code
+            evaluates this way; zsRE and CounterFact list records of one subject next to each other,
+            so in-order batches edit several facts of the same subject together, a harder setting.
         max_length: longest prompt + answer in tokens; longer records are an error, never truncated.
         skip_invalid: skip invalid training records (counted and logged) instead of failing.
         seed: shuffling seed.
@@ -170,6 +174,7 @@ class EditDataModule(L.LightningDataModule):
         batch_size: int = 32,
         val_n_edits: int | None = None,
         val_limit: int | None = None,
+        val_shuffle: bool = False,
         max_length: int = 256,
         skip_invalid: bool = True,
         seed: int = 0,
@@ -226,7 +231,8 @@ class EditDataModule(L.LightningDataModule):
     def _loader(self, split: str, training: bool) -> DataLoader:
         hp = self.hparams
         n_edits = hp.n_edits if training else (hp.val_n_edits or hp.n_edits)
-        sampler = EditBatchSampler(len(self.splits[split]), n_edits, shuffle=training, seed=hp.seed, drop_last=training)
+        shuffle = training or hp.val_shuffle  # evaluation batches: epoch 0's order, so every evaluation is the same
+        sampler = EditBatchSampler(len(self.splits[split]), n_edits, shuffle=shuffle, seed=hp.seed, drop_last=training)
         if training and len(sampler) == 0:
             raise RecordError(f"{hp.train_path} has {len(self.splits[split])} valid records, "
                               f"fewer than n_edits={n_edits}.")
