@@ -56,11 +56,15 @@ def test_no_spread_is_identity():
     assert all(torch.equal(a, b) for a, b in zip(NoSpread()(residuals, residuals), residuals))
 
 
-def test_closed_form_solve_matches_least_squares_reference():
+@pytest.mark.parametrize("form", ["auto", "primal", "kernel"])
+@pytest.mark.parametrize("n_rows", [40, 5], ids=["rows>features", "rows<features"])
+def test_closed_form_solve_matches_least_squares_reference(form, n_rows):
     g = torch.Generator().manual_seed(1)
-    keys, residuals = torch.randn(40, 8, generator=g), torch.randn(40, 5, generator=g)
+    keys, residuals = torch.randn(n_rows, 8, generator=g), torch.randn(n_rows, 5, generator=g)
     log_lambda = torch.tensor(0.3)
-    shift = ClosedFormUpdate().param_shift(keys, residuals, log_lambda)
+    update = ClosedFormUpdate(form)
+    assert update.factor(keys, log_lambda).kernel == (form == "kernel" or (form == "auto" and n_rows < 8))
+    shift = update.param_shift(keys, residuals, log_lambda)
     # ridge regression as an augmented least-squares problem, in float64 numpy
     lam = np.exp(0.3)
     k, r = keys.double().numpy(), residuals.double().numpy()
@@ -68,6 +72,12 @@ def test_closed_form_solve_matches_least_squares_reference():
     aug_r = np.vstack([r, np.zeros((8, 5))])
     expect = np.linalg.lstsq(aug_k, aug_r, rcond=None)[0]
     np.testing.assert_allclose(shift.numpy(), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_form_is_refused_across_processes():
+    with pytest.raises(ValueError, match="needs all key rows in one process"):
+        ClosedFormUpdate("kernel").factor(torch.randn(3, 8), torch.tensor(0.0), all_reduce=lambda t: t)
+    assert not ClosedFormUpdate().factor(torch.randn(3, 8), torch.tensor(0.0), all_reduce=lambda t: t).kernel
 
 
 def _toy_editor(spread, update, learn_lambda, chunk_size, shapes=((6, 4),) * 3):
@@ -79,12 +89,12 @@ def _toy_editor(spread, update, learn_lambda, chunk_size, shapes=((6, 4),) * 3):
     return editor
 
 
-@pytest.mark.parametrize("chunk_size", [4, 1000], ids=["chunked", "graph_kept"])
+@pytest.mark.parametrize("chunk_size", [3, 1000], ids=["chunked", "graph_kept"])
 @pytest.mark.parametrize("spread_cls", [GramSchmidtSpread, ReferenceSpread, NoSpread])
 @pytest.mark.parametrize("update_cls,learn_lambda", [(ClosedFormUpdate, True), (ClosedFormUpdate, False),
                                                     (OuterProductUpdate, False)])
-def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, learn_lambda, chunk_size):
-    n = 11
+@pytest.mark.parametrize("n", [11, 4], ids=["rows>features", "rows<features"])  # closed form: S or kernel solve
+def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, learn_lambda, chunk_size, n):
     g = torch.Generator().manual_seed(2)
     cap = Capture(keys=[torch.randn(n, 6, generator=g, dtype=torch.float64) for _ in range(3)],
                   value_grads=[torch.randn(n, 4, generator=g, dtype=torch.float64) for _ in range(3)], loss=0.0)

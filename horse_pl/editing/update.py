@@ -4,7 +4,10 @@ Two pluggable stages:
 
 - :class:`ClosedFormUpdate` (MALMEN/HORSE): residual ``r = -lr <k, k~> g~``; ridge least squares
   ``S = K^T K + exp(lambda) I``, ``dW = S^-1 K^T R~`` by a Cholesky solve. Given ``G_W = dL/d(dW)``,
-  ``dL/dR~ = K S^-1 G_W`` and ``dL/dlambda = -exp(lambda) <S^-1 G_W, dW>``.
+  ``dL/dR~ = K S^-1 G_W`` and ``dL/dlambda = -exp(lambda) <S^-1 G_W, dW>``. With fewer key rows N than
+  key features d (one process), the same quantities come from the N x N kernel matrix
+  ``M = K K^T + exp(lambda) I`` (``S^-1 K^T = K^T M^-1``): ``dW = K^T M^-1 R~``, ``dL/dR~ = M^-1 K G_W``,
+  ``dL/dlambda = -exp(lambda) <M^-1 K G_W, M^-1 R~>``, cheaper and better conditioned in fp32.
 - :class:`OuterProductUpdate` (MEND): ``dW = sum_i k~_i (-lr g~_i)^T``, no solve.
 
 Both are linear in the rows once ``S`` is fixed, which is what lets the hypernetwork be backpropagated
@@ -57,32 +60,63 @@ class ParamShiftUpdate:
         raise NotImplementedError
 
 
+@dataclass
+class RidgeFactor:
+    """Cholesky factor of ``S = K^T K + exp(lambda) I`` (d x d) or, when ``kernel``, of ``M = K K^T + exp(lambda) I`` (N x N)."""
+
+    chol: torch.Tensor
+    kernel: bool
+
+
 class ClosedFormUpdate(ParamShiftUpdate):
-    """Ridge least-squares update ``dW = (K^T K + exp(lambda) I)^-1 K^T R~`` (MALMEN, HORSE)."""
+    """Ridge least-squares update ``dW = (K^T K + exp(lambda) I)^-1 K^T R~`` (MALMEN, HORSE).
+
+    Args:
+        form: ``auto`` solves with the N x N kernel matrix when there are fewer key rows than key features
+            and the rows are all in one process, else with the d x d matrix ``S``; ``primal`` always uses
+            ``S``, ``kernel`` the kernel matrix (one process only). Every form gives the same shifts and gradients.
+    """
 
     name = "closed_form"
     uses_lambda = True
 
+    def __init__(self, form: str = "auto"):
+        if form not in ("auto", "primal", "kernel"):
+            raise ValueError(f"ClosedFormUpdate form must be 'auto', 'primal' or 'kernel', not '{form}'.")
+        self.form = form
+
     def residuals(self, keys, pseudo_keys, pseudo_grads, lr):
         return keys, -lr * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
 
-    def factor(self, update_keys, log_lambda, all_reduce=_identity):
-        """Cholesky factor of ``S = K^T K + exp(lambda) I`` (``K^T K`` summed across processes)."""
+    def factor(self, update_keys, log_lambda, all_reduce=_identity) -> RidgeFactor:
+        """Cholesky factor of ``S`` (``K^T K`` summed across processes) or of the kernel matrix ``M``."""
         keys = _f(update_keys)
-        gram = all_reduce(keys.T @ keys)
+        one_process = all_reduce is _identity
+        kernel = self.form == "kernel" or (self.form == "auto" and one_process and keys.shape[0] < keys.shape[1])
+        if kernel and not one_process:
+            raise ValueError("ClosedFormUpdate(form='kernel') needs all key rows in one process; use form='auto' "
+                             "or 'primal' under DDP.")
+        gram = keys @ keys.T if kernel else all_reduce(keys.T @ keys)
         gram.diagonal().add_(torch.exp(log_lambda.detach().to(keys.dtype)))
-        return torch.linalg.cholesky(gram)
+        return RidgeFactor(torch.linalg.cholesky(gram), kernel)
 
     def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity, factor=None):
-        chol = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
+        factor = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
+        if factor.kernel:
+            return _f(update_keys).T @ torch.cholesky_solve(_f(residuals), factor.chol)
         rhs = all_reduce(_f(update_keys).T @ _f(residuals))
-        return torch.cholesky_solve(rhs, chol)
+        return torch.cholesky_solve(rhs, factor.chol)
 
     def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity, factor=None):
-        chol = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
-        solved = torch.cholesky_solve(_f(shift_grad), chol)  # S^-1 G_W
-        d_residuals = _f(update_keys) @ solved
-        d_lambda = -torch.exp(log_lambda.detach()) * (solved * shift).sum()
+        factor = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
+        lam = torch.exp(log_lambda.detach())
+        if factor.kernel:
+            d_residuals = torch.cholesky_solve(_f(update_keys) @ _f(shift_grad), factor.chol)  # M^-1 K G_W
+            d_lambda = -lam * (d_residuals * torch.cholesky_solve(_f(residuals), factor.chol)).sum()
+        else:
+            solved = torch.cholesky_solve(_f(shift_grad), factor.chol)  # S^-1 G_W
+            d_residuals = _f(update_keys) @ solved
+            d_lambda = -lam * (solved * shift).sum()
         return ShiftGrads(residuals=d_residuals, log_lambda=d_lambda)
 
 
