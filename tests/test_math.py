@@ -243,7 +243,6 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, resolve_edit_modules
     from horse_pl.editing.capture import capture
-    from horse_pl.editing.lm import answer_ce
     from horse_pl.models import load_model
 
     model, tok = load_model(tiny_models[kind])
@@ -261,12 +260,13 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
             out.retain_grad()
             outputs[i] = out
         hooks.append(m.register_forward_hook(hook))
-    model.requires_grad_(True)  # plain autograd through everything
-    answer_ce(model, mb).backward()
+    model.requires_grad_(True)  # plain autograd through everything, the model's own forward
+    mask = mb["labels"] != -100
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits[mask], mb["labels"][mask]).backward()
     model.requires_grad_(False)
     for h in hooks:
         h.remove()
-    mask = mb["labels"] != -100
     for i in range(len(modules)):
         torch.testing.assert_close(cap.keys[i], inputs[i][mask].detach())
         torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[mask], rtol=1e-5, atol=1e-8)
@@ -351,3 +351,52 @@ def test_applied_shift_on_a_bf16_module_is_not_rounded_away():
     expected = x @ before.T + (x.float() @ shift).to(torch.bfloat16)
     torch.testing.assert_close(edited, expected)
     assert torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monkeypatch):
+    """The last layer's MLP runs at the answer positions alone; answer logits, the loss with shifts
+    applied, its gradient on the shifts, and captured keys / value gradients are those of the full pass."""
+    import contextlib
+
+    from horse_pl.data.tokenize import collate, tokenize_pairs
+    from horse_pl.edit_modules import get_modules, mlp_output_modules, resolve_edit_modules, weight_shape
+    from horse_pl.editing import lm as lm_passes
+    from horse_pl.editing.capture import capture
+    from horse_pl.editing.shifts import applied
+    from horse_pl.models import load_model
+
+    model, tok = load_model(tiny_models[kind])
+    prompts = ["Hi?", "What is the capital of Freedonia, the small country?", "Who?", "Which river is it?"]
+    answers = ["Yes", "Paris", "Me and you and everybody else here", "The Rhine"]
+    mb = collate(tokenize_pairs(tok, prompts, answers, max_length=1024), tok.pad_token_id)
+    n_answer = int((mb["labels"] != -100).sum())
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    torch.manual_seed(0)
+    shifts = [(0.05 * torch.randn(*weight_shape(m))).requires_grad_(True) for m in modules]
+    mlp_rows = []
+    last_out = model.get_submodule(mlp_output_modules(model)[-1])  # inside the last MLP
+    handle = last_out.register_forward_pre_hook(lambda m, args: mlp_rows.append(args[0].shape[:-1].numel()))
+
+    def run():
+        with torch.no_grad():
+            logits, _ = lm_passes.answer_logits(model, mb)
+        with applied(modules, shifts):
+            loss = lm_passes.answer_ce(model, mb)
+            grads = torch.autograd.grad(loss, shifts)
+        return logits, loss.detach(), grads, capture(model, modules, [mb])
+
+    trimmed = run()
+    assert mlp_rows and all(n == n_answer for n in mlp_rows)  # the last MLP saw the answer rows only
+    monkeypatch.setattr(lm_passes, "last_mlp_rows", lambda model, rows: contextlib.nullcontext())
+    mlp_rows.clear()
+    full = run()
+    assert all(n > n_answer for n in mlp_rows)
+    handle.remove()
+    torch.testing.assert_close(trimmed[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trimmed[1], full[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(trimmed[2], full[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for i in range(len(modules)):
+        torch.testing.assert_close(trimmed[3].keys[i], full[3].keys[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(trimmed[3].value_grads[i], full[3].value_grads[i], rtol=1e-4, atol=1e-8)

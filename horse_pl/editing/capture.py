@@ -36,12 +36,16 @@ class Capture:
 def _recording(modules: Sequence[nn.Module], mask: torch.Tensor, dtype: torch.dtype, keys: list, grads: list):
     handles = []
 
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        # the last layer's MLP may already run on the masked rows alone (lm.last_mlp_rows)
+        return x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
+
     def make_hook(i: int):
         def hook(module, inputs, output):
-            keys[i].append(inputs[0][mask].detach().to(dtype))
+            keys[i].append(rows(inputs[0]).detach().to(dtype))
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
-            output.register_hook(lambda g: grads[i].append(g[mask].detach().to(dtype)))
+            output.register_hook(lambda g: grads[i].append(rows(g).detach().to(dtype)))
             return output
         return hook
 
@@ -78,7 +82,8 @@ def capture(
         for group in row_groups(mb):
             mask = (group["labels"] != IGNORE_INDEX) if positions == "answer" else group["attention_mask"].bool()
             with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
-                group_loss = group_answer_ce_sum(model, group) / n_answer
+                # MEND records every position, so the last MLP must run everywhere
+                group_loss = group_answer_ce_sum(model, group, trim_last_mlp=positions == "answer") / n_answer
                 group_loss.backward()
             loss += float(group_loss.detach())
         total += loss

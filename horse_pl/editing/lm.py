@@ -7,15 +7,22 @@ not depend on how much padding follows them, so the results are those of the pad
 
 Losses (training passes, capture) go through :func:`linear_cross_entropy`, which never holds the
 answer tokens' full logits; scoring, which needs them, uses :func:`answer_logits`.
+
+Only the answer positions' final hidden states are read, so the last layer's MLP (a per-position map)
+runs at those positions alone (:func:`last_mlp_rows`); its output elsewhere is left at zero, which
+nothing downstream reads.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
+from horse_pl.edit_modules import mlp_output_modules
 
 # Cost of one extra forward call, in padded tokens (per-call overhead and smaller matrix products).
 GROUP_OVERHEAD_TOKENS = 64
@@ -53,13 +60,62 @@ def row_groups(micro_batch: dict[str, torch.Tensor], overhead: int | None = None
     return groups
 
 
-def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states and labels at the labelled positions of one row group."""
+_LAST_MLP = "_horse_pl_last_mlp"  # cached on the model: the last MLP's name, or "" when there is none
+
+
+def _last_mlp(model: nn.Module) -> nn.Module | None:
+    """The last layer's MLP: the parent of its output projection (None if the model has no such module)."""
+    name = model.__dict__.get(_LAST_MLP)
+    if name is None:
+        try:
+            name = mlp_output_modules(model)[-1].rpartition(".")[0]
+        except ValueError:
+            name = ""
+        model.__dict__[_LAST_MLP] = name
+    return model.get_submodule(name) if name else None
+
+
+@contextmanager
+def last_mlp_rows(model: nn.Module, rows: torch.Tensor):
+    """Inside the block, the last layer's MLP runs only at the positions where ``rows`` (batch x seq) is
+    True and outputs zeros elsewhere. Its input reaches the MLP (and its output projection) as one
+    sequence of those rows in row-major order, the order of ``hidden[rows]``."""
+    mlp = _last_mlp(model)
+    if mlp is None:
+        yield
+        return
+    full = mlp.forward
+    previous = mlp.__dict__.get("forward")
+
+    def forward(hidden: torch.Tensor, *args, **kwargs):
+        if hidden.shape[:-1] != rows.shape:
+            return full(hidden, *args, **kwargs)
+        out = full(hidden[rows].unsqueeze(0), *args, **kwargs)
+        if not isinstance(out, torch.Tensor):  # an MLP returning extras (some MoE blocks): run it in full
+            return full(hidden, *args, **kwargs)
+        zeros = out.new_zeros(*rows.shape, out.shape[-1])
+        return zeros.masked_scatter(rows.unsqueeze(-1), out)
+
+    mlp.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del mlp.forward
+        else:
+            mlp.forward = previous
+
+
+def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor],
+                   trim_last_mlp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states and labels at the labelled positions of one row group (with ``trim_last_mlp``,
+    the last MLP runs at those positions only)."""
     mask = group["attention_mask"]
-    hidden = model.base_model(
-        input_ids=group["input_ids"], attention_mask=None if bool(mask.all()) else mask, use_cache=False
-    ).last_hidden_state
     answer = group["labels"] != IGNORE_INDEX
+    with last_mlp_rows(model, answer) if trim_last_mlp else nullcontext():
+        hidden = model.base_model(
+            input_ids=group["input_ids"], attention_mask=None if bool(mask.all()) else mask, use_cache=False
+        ).last_hidden_state
     return hidden[answer], group["labels"][answer]
 
 
@@ -132,9 +188,9 @@ def linear_cross_entropy(hidden: torch.Tensor, output: nn.Linear, labels: torch.
     return _LinearCrossEntropy.apply(hidden, output.weight, bias, labels, softcap)
 
 
-def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor]) -> torch.Tensor:
+def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor], trim_last_mlp: bool = True) -> torch.Tensor:
     """Summed cross-entropy over the answer tokens of one row group."""
-    hidden, labels = _answer_hidden(model, group)
+    hidden, labels = _answer_hidden(model, group, trim_last_mlp)
     return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, _softcap(model))
 
 
