@@ -4,13 +4,15 @@
 ``"last:6"`` (the last six MLP output projections), ``"layers:24-29"`` or ``"layers:3,5"``.
 The MLP output projection is found per architecture: LLaMA/Mistral/Qwen/Gemma ``mlp.down_proj``,
 GPT-2 ``mlp.c_proj`` (a ``Conv1D``), GPT-J ``mlp.fc_out``, GPT-NeoX ``mlp.dense_4h_to_h``.
+:func:`forward_replaced` swaps a module's forward for the length of a block (shifts, trimmed passes).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -96,3 +98,17 @@ def get_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     """The modules with these names, in the same order."""
     known = dict(model.named_modules())
     return [known[n] for n in names]
+
+
+@contextmanager
+def forward_replaced(module: nn.Module, forward: Callable):
+    """Inside the block, ``module`` runs ``forward`` (hooks still fire); its previous forward comes back after."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous

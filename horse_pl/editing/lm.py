@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.edit_modules import mlp_output_modules
+from horse_pl.edit_modules import forward_replaced, mlp_output_modules
 
 # Cost of one extra forward call, in padded tokens (per-call overhead and smaller matrix products).
 GROUP_OVERHEAD_TOKENS = 64
@@ -85,7 +85,6 @@ def last_mlp_rows(model: nn.Module, rows: torch.Tensor):
         yield
         return
     full = mlp.forward
-    previous = mlp.__dict__.get("forward")
 
     def forward(hidden: torch.Tensor, *args, **kwargs):
         if hidden.shape[:-1] != rows.shape:
@@ -96,14 +95,8 @@ def last_mlp_rows(model: nn.Module, rows: torch.Tensor):
         zeros = out.new_zeros(*rows.shape, out.shape[-1])
         return zeros.masked_scatter(rows.unsqueeze(-1), out)
 
-    mlp.forward = forward
-    try:
+    with forward_replaced(mlp, forward):
         yield
-    finally:
-        if previous is None:
-            del mlp.forward
-        else:
-            mlp.forward = previous
 
 
 def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor],

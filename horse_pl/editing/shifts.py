@@ -10,13 +10,13 @@ its dtype and adds ``x dW`` computed in the shift's dtype, so small shifts are n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from horse_pl.edit_modules import weight_in_out
+from horse_pl.edit_modules import forward_replaced, weight_in_out
 
 
 def shift_hook(shift: torch.Tensor):
@@ -37,23 +37,13 @@ def _shifted_forward(module: nn.Module, shift: torch.Tensor):
 def applied(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor]):
     """Inside the block, each module computes ``input @ (W + shift)`` (shift in (d_in, d_out)); the
     module's weight is never written."""
-    handles, replaced = [], []
-    try:
+    with ExitStack() as stack:
         for module, shift in zip(modules, shifts):
             if module.weight.dtype == shift.dtype and module.weight.device == shift.device:
-                replaced.append((module, module.__dict__.get("forward")))
-                module.forward = _shifted_forward(module, shift)
+                stack.enter_context(forward_replaced(module, _shifted_forward(module, shift)))
             else:
-                handles.append(module.register_forward_hook(shift_hook(shift)))
+                stack.callback(module.register_forward_hook(shift_hook(shift)).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()
-        for module, previous in replaced:
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
 
 
 @torch.no_grad()
