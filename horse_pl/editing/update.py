@@ -62,7 +62,8 @@ class ParamShiftUpdate:
 
 @dataclass
 class RidgeFactor:
-    """Cholesky factor of ``S = K^T K + exp(lambda) I`` (d x d) or, when ``kernel``, of ``M = K K^T + exp(lambda) I`` (N x N)."""
+    """Cholesky factor of ``S = K^T K + exp(lambda) I`` (d x d) or, when ``kernel``, of the kernel matrix
+    ``M = K K^T + exp(lambda) I`` (N x N)."""
 
     chol: torch.Tensor
     kernel: bool
