@@ -400,3 +400,69 @@ def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monke
     for i in range(len(modules)):
         torch.testing.assert_close(trimmed[3].keys[i], full[3].keys[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(trimmed[3].value_grads[i], full[3].value_grads[i], rtol=1e-4, atol=1e-8)
+
+
+def test_shared_prefix_length_stops_at_a_difference_padding_or_label():
+    from horse_pl.editing.lm import shared_prefix_length
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 3, 0, 0], [5, 6, 7, 8, 2, 4]])
+    mask = (torch.arange(6) < torch.tensor([[5], [4], [6]])).long()
+    labels = torch.full_like(ids, -100)
+    group = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert shared_prefix_length(group, overhead=0) == 3  # rows differ at position 3
+    assert shared_prefix_length(group, overhead=5) == 3  # saves 3 x 2 = 6 tokens > 5
+    assert shared_prefix_length(group, overhead=6) == 0  # does not pay
+    labels[1, 2] = 7  # a labelled position ends the prefix
+    assert shared_prefix_length(group, overhead=0) == 2
+    same = {"input_ids": ids[:, :3], "attention_mask": mask[:, :3], "labels": torch.full((3, 3), -100)}
+    assert shared_prefix_length(same, overhead=0) == 2  # every row keeps one token after the prefix
+    assert shared_prefix_length({k: v[:1] for k, v in group.items()}, overhead=0) == 0  # a single row
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkeypatch):
+    """Rows starting with the same tokens (a prompt template) share one pass over that prefix: answer
+    logits, the loss with shifts applied and its gradient on the shifts equal those of the full pass
+    (right padding, different lengths; the tiny Gemma 3's sliding window is shorter than the rows)."""
+    from horse_pl.data.tokenize import collate, tokenize_pairs
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
+    from horse_pl.editing import lm as lm_passes
+    from horse_pl.editing.shifts import applied
+    from horse_pl.models import load_model
+
+    model, tok = load_model(tiny_models[kind])
+    template = "nq question: tell me please"
+    prompts = [f"{template} who wrote Hamlet?", f"{template} when?", f"{template} which river flows through Paris?"]
+    answers = ["William Shakespeare", "In 1603 or so", "The Seine"]
+    group = collate(tokenize_pairs(tok, prompts, answers, max_length=1024), tok.pad_token_id)
+    monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 0)
+    prefix = lm_passes.shared_prefix_length(group)
+    assert prefix >= 10 and not bool(group["attention_mask"].all())
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    torch.manual_seed(0)
+    shifts = [(0.05 * torch.randn(*weight_shape(m))).requires_grad_(True) for m in modules]
+    seen = []
+    handle = model.base_model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                                        with_kwargs=True)
+
+    def run():
+        with torch.no_grad():
+            logits, labels = lm_passes.group_answer_logits(model, group)
+        with applied(modules, shifts):
+            loss = lm_passes.group_answer_ce_sum(model, group)
+            grads = torch.autograd.grad(loss, shifts)
+        return logits, labels, loss.detach(), grads
+
+    shared = run()
+    rows, width = group["input_ids"].shape
+    assert (1, prefix) in seen and (rows, width - prefix) in seen and (rows, width) not in seen
+    monkeypatch.setattr(lm_passes, "shared_prefix_length", lambda group, overhead=None: 0)
+    seen.clear()
+    full = run()
+    handle.remove()
+    assert seen == [(rows, width)] * 2
+    torch.testing.assert_close(shared[0], full[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared[1], full[1])
+    torch.testing.assert_close(shared[2], full[2], rtol=1e-6, atol=1e-6)
+    for a, b in zip(shared[3], full[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

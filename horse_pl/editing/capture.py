@@ -82,8 +82,10 @@ def capture(
         for group in row_groups(mb):
             mask = (group["labels"] != IGNORE_INDEX) if positions == "answer" else group["attention_mask"].bool()
             with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
-                # MEND records every position, so the last MLP must run everywhere
-                group_loss = group_answer_ce_sum(model, group, trim_last_mlp=positions == "answer") / n_answer
+                # MEND records every position, so the last MLP must run everywhere; the hooks record by the
+                # group's full mask, so a shared prefix is not split off here
+                group_loss = group_answer_ce_sum(model, group, trim_last_mlp=positions == "answer",
+                                                 share_prefix=False) / n_answer
                 group_loss.backward()
             loss += float(group_loss.detach())
         total += loss

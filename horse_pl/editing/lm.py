@@ -11,6 +11,10 @@ answer tokens' full logits; scoring, which needs them, uses :func:`answer_logits
 Only the answer positions' final hidden states are read, so the last layer's MLP (a per-position map)
 runs at those positions alone (:func:`last_mlp_rows`); its output elsewhere is left at zero, which
 nothing downstream reads.
+
+Rows that start with the same tokens (a template such as zsRE's ``nq question:``) share that prefix:
+it runs once, as a one-row pass whose keys and values every row then attends to
+(:func:`shared_prefix_length`); with causal attention the rows' outputs are those of the full pass.
 """
 
 from __future__ import annotations
@@ -99,17 +103,41 @@ def last_mlp_rows(model: nn.Module, rows: torch.Tensor):
         yield
 
 
-def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor],
-                   trim_last_mlp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prefix_length(group: dict[str, torch.Tensor], overhead: int | None = None) -> int:
+    """Length of the token prefix that every row of a right-padded row group starts with, when sharing it
+    pays: no labelled position inside it, at least one token of every row after it, and the tokens it
+    saves (``length x (rows - 1)``) above ``overhead`` (default :data:`GROUP_OVERHEAD_TOKENS`); else 0."""
+    overhead = GROUP_OVERHEAD_TOKENS if overhead is None else overhead
+    ids, mask = group["input_ids"], group["attention_mask"]
+    rows = ids.shape[0]
+    if rows < 2:
+        return 0
+    shared = (ids == ids[:1]).all(0) & mask.bool().all(0) & (group["labels"] == IGNORE_INDEX).all(0)
+    length = int(shared.int().cumprod(0).sum())
+    length = min(length, int(mask.sum(1).min()) - 1)
+    return length if length * (rows - 1) > overhead else 0
+
+
+def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor], trim_last_mlp: bool = True,
+                   share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states and labels at the labelled positions of one row group (with ``trim_last_mlp``,
-    the last MLP runs at those positions only)."""
-    mask = group["attention_mask"]
-    answer = group["labels"] != IGNORE_INDEX
+    the last MLP runs at those positions only; with ``share_prefix``, a prefix common to all rows runs once)."""
+    ids, mask, labels = group["input_ids"], group["attention_mask"], group["labels"]
+    answer = labels != IGNORE_INDEX
+    prefix = shared_prefix_length(group) if share_prefix else 0
+    cache = None
+    if prefix:
+        # the prefix's keys and values, computed once (its own last MLP output is never read)
+        with last_mlp_rows(model, answer.new_zeros(1, prefix)) if trim_last_mlp else nullcontext():
+            cache = model.base_model(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        ids, labels, answer = ids[:, prefix:], labels[:, prefix:], answer[:, prefix:]
     with last_mlp_rows(model, answer) if trim_last_mlp else nullcontext():
         hidden = model.base_model(
-            input_ids=group["input_ids"], attention_mask=None if bool(mask.all()) else mask, use_cache=False
+            input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
+            past_key_values=cache, use_cache=cache is not None,
         ).last_hidden_state
-    return hidden[answer], group["labels"][answer]
+    return hidden[answer], labels[answer]
 
 
 def _softcap(model: nn.Module) -> float | None:
@@ -181,9 +209,10 @@ def linear_cross_entropy(hidden: torch.Tensor, output: nn.Linear, labels: torch.
     return _LinearCrossEntropy.apply(hidden, output.weight, bias, labels, softcap)
 
 
-def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor], trim_last_mlp: bool = True) -> torch.Tensor:
+def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor], trim_last_mlp: bool = True,
+                        share_prefix: bool = True) -> torch.Tensor:
     """Summed cross-entropy over the answer tokens of one row group."""
-    hidden, labels = _answer_hidden(model, group, trim_last_mlp)
+    hidden, labels = _answer_hidden(model, group, trim_last_mlp, share_prefix)
     return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, _softcap(model))
 
 
