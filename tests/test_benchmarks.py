@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import small_zsre
 from test_edit import editor_dir  # noqa: F401  (module fixture: a tiny exported HORSE editor)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,23 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
     assert out.with_suffix(".png").exists()
     with pytest.raises(SystemExit, match="NAME=FOLDER"):
         quality.main(["--editors", folder, "--out", str(out)])
+
+
+def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, capsys):
+    step = _load("train_step")
+    out = tmp_path / "step.json"
+    assert step.main(["--steps", "2", "--warmup", "1", "--out", str(out), "--", "--model.model", tiny_llama,
+                      "--model.edit_modules", "layers:2-3", "--model.rank", "16", "--data.n_edits", "4",
+                      "--data.batch_size", "2", "--data.train_path", small_zsre()[0],
+                      "--data.max_length", "1024"]) == 0
+    report = json.loads(out.read_text())
+    assert report["timed_steps"] == 2 and len(report["steps"]) == 2
+    split = report["seconds"]
+    for timed in report["steps"]:
+        assert timed > 0
+    parts = sum(split[s]["mean"] for s in ("capture", "predict", "losses", "update"))
+    assert split["step"]["mean"] == pytest.approx(parts, rel=1e-6)
+    assert report["gflop_per_step"] > 0 and report["matmul_gflops_before"] > 0
+    assert report["step_at_matmul_rate"] == pytest.approx(
+        report["gflop_per_step"] / ((report["matmul_gflops_before"] + report["matmul_gflops_after"]) / 2))
+    assert "GFLOP" in capsys.readouterr().out

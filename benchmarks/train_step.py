@@ -1,0 +1,138 @@
+"""Meta-training step time of a recipe, beside the work it does and this machine's matrix-product rate.
+
+    python benchmarks/train_step.py                                   # the zsRE benchmark recipe, 12 steps
+    python benchmarks/train_step.py --config configs/quickstart.yaml --steps 6
+    python benchmarks/train_step.py --steps 4 -- --model.rank 64      # anything after -- goes to the recipe
+
+Runs the recipe's own training loop (``train.py fit``'s model, data and trainer, without validation,
+logger or checkpoints) for ``--warmup + --steps`` edit batches and reports each timed step's split as
+the module logs it (``time/capture``, ``predict``, ``losses``, ``update``: mean and median), the
+floating-point work of one step (counted by ``torch.utils.flop_counter`` on the first warm-up step,
+which is not timed), and this machine's fp32 matrix-product rate on the model's layer shapes, measured
+before and after. Shared machines change speed by more than a few percent from hour to hour; the work
+per step and the rate let a step time be read against the machine it was taken on. Writes a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from common import machine, write_json  # noqa: E402
+
+STAGES = ("capture", "predict", "losses", "update", "step")
+
+
+def matmul_rate(d_model: int, d_ff: int, tokens: int = 512, seconds: float = 1.0) -> float:
+    """fp32 GFLOP/s of this machine on a decoder layer's matrix products (``tokens`` rows)."""
+    import torch
+
+    torch.manual_seed(0)
+    shapes = [(d_model, d_ff), (d_ff, d_model), (d_model, d_model)]
+    xs = [torch.randn(tokens, i) for i, _ in shapes]
+    ws = [torch.randn(i, o) for i, o in shapes]
+    flop_per_round = sum(2 * tokens * i * o for i, o in shapes)
+    for x, w in zip(xs, ws):  # warm up
+        x @ w
+    rounds, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for x, w in zip(xs, ws):
+            x @ w
+        rounds += 1
+    return rounds * flop_per_round / (time.perf_counter() - start) / 1e9
+
+
+def _recorder(warmup: int):
+    """A Lightning callback recording the logged ``time/*`` of each step after ``warmup`` and counting the
+    floating-point operations of the first step."""
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class StepRecorder(Callback):
+        def __init__(self):
+            self.times: dict[str, list[float]] = {s: [] for s in STAGES}
+            self.flops, self._counter = 0, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self._counter = FlopCounterMode(display=False)
+                self._counter.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self._counter is not None:
+                self._counter.__exit__(None, None, None)
+                self.flops, self._counter = self._counter.get_total_flops(), None
+            if batch_idx >= warmup:
+                for stage in STAGES:
+                    self.times[stage].append(float(trainer.callback_metrics[f"time/{stage}"]))
+
+    return StepRecorder()
+
+
+def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
+    import torch
+
+    from horse_pl.cli import cli
+
+    args = ["--config", config, *extra, "--trainer.max_steps", str(warmup + steps), "--trainer.limit_val_batches", "0",
+            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    built = cli(args, run=False)
+    recorder = _recorder(warmup)
+    built.trainer.callbacks.append(recorder)
+    built.model.configure_model()
+    text = built.model.lm.config.get_text_config()
+    rate_before = matmul_rate(text.hidden_size, text.intermediate_size)
+    built.trainer.fit(built.model, built.datamodule)
+    rate_after = matmul_rate(text.hidden_size, text.intermediate_size)
+    if not recorder.times["step"]:
+        raise SystemExit(f"{config}: no step was timed; the training set gave fewer than {warmup + 1} edit batches.")
+    split = {stage: {"mean": statistics.mean(v), "median": statistics.median(v)} for stage, v in recorder.times.items()}
+    rate = (rate_before + rate_after) / 2
+    return {
+        "date": date.today().isoformat(), "machine": machine(), "threads": torch.get_num_threads(),
+        "config": config, "overrides": extra, "timed_steps": len(recorder.times["step"]), "warmup_steps": warmup,
+        "seconds": split, "steps": recorder.times["step"],
+        "gflop_per_step": recorder.flops / 1e9,
+        "matmul_gflops_before": rate_before, "matmul_gflops_after": rate_after,
+        "achieved_gflops": recorder.flops / 1e9 / split["step"]["median"],
+        "step_at_matmul_rate": recorder.flops / 1e9 / rate,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "horse_smollm2_zsre.yaml"))
+    parser.add_argument("--steps", type=int, default=12, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (the first also counts FLOPs)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1.")
+    report = run(args.config, args.steps, args.warmup, extra)
+    write_json(report, args.out)
+    s = report["seconds"]
+    print(f"{report['config']}: {report['timed_steps']} steps after {report['warmup_steps']} warm-up, "
+          f"{report['machine']}")
+    print("seconds per step (mean / median): " + ", ".join(
+        f"{stage} {s[stage]['mean']:.2f} / {s[stage]['median']:.2f}" for stage in STAGES))
+    print(f"work per step {report['gflop_per_step']:.0f} GFLOP; achieved {report['achieved_gflops']:.0f} GFLOP/s; "
+          f"fp32 matmul rate on the layer shapes {report['matmul_gflops_before']:.0f} (before) / "
+          f"{report['matmul_gflops_after']:.0f} (after) GFLOP/s; the work at that rate alone: "
+          f"{report['step_at_matmul_rate']:.1f} s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
