@@ -353,6 +353,19 @@ def test_applied_shift_on_a_bf16_module_is_not_rounded_away():
     assert torch.equal(layer.weight, before)
 
 
+def _logits_loss_and_shift_grads(model, modules, shifts, logits_fn, loss_fn, batch):
+    """Answer logits and labels of the unedited model, then the loss with ``shifts`` applied and its
+    gradient on them: what a pass must keep when it is computed another way."""
+    from horse_pl.editing.shifts import applied
+
+    with torch.no_grad():
+        logits, labels = logits_fn(model, batch)
+    with applied(modules, shifts):
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, shifts)
+    return logits, labels, loss.detach(), grads
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
 def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monkeypatch):
     """The last layer's MLP runs at the answer positions alone; answer logits, the loss with shifts
@@ -363,7 +376,6 @@ def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monke
     from horse_pl.edit_modules import get_modules, mlp_output_modules, resolve_edit_modules, weight_shape
     from horse_pl.editing import lm as lm_passes
     from horse_pl.editing.capture import capture
-    from horse_pl.editing.shifts import applied
     from horse_pl.models import load_model
 
     model, tok = load_model(tiny_models[kind])
@@ -379,12 +391,9 @@ def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monke
     handle = last_out.register_forward_pre_hook(lambda m, args: mlp_rows.append(args[0].shape[:-1].numel()))
 
     def run():
-        with torch.no_grad():
-            logits, _ = lm_passes.answer_logits(model, mb)
-        with applied(modules, shifts):
-            loss = lm_passes.answer_ce(model, mb)
-            grads = torch.autograd.grad(loss, shifts)
-        return logits, loss.detach(), grads, capture(model, modules, [mb])
+        logits, _, loss, grads = _logits_loss_and_shift_grads(model, modules, shifts, lm_passes.answer_logits,
+                                                              lm_passes.answer_ce, mb)
+        return logits, loss, grads, capture(model, modules, [mb])
 
     trimmed = run()
     assert mlp_rows and all(n == n_answer for n in mlp_rows)  # the last MLP saw the answer rows only
@@ -427,7 +436,6 @@ def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkey
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
     from horse_pl.editing import lm as lm_passes
-    from horse_pl.editing.shifts import applied
     from horse_pl.models import load_model
 
     model, tok = load_model(tiny_models[kind])
@@ -446,12 +454,8 @@ def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkey
                                                         with_kwargs=True)
 
     def run():
-        with torch.no_grad():
-            logits, labels = lm_passes.group_answer_logits(model, group)
-        with applied(modules, shifts):
-            loss = lm_passes.group_answer_ce_sum(model, group)
-            grads = torch.autograd.grad(loss, shifts)
-        return logits, labels, loss.detach(), grads
+        return _logits_loss_and_shift_grads(model, modules, shifts, lm_passes.group_answer_logits,
+                                            lm_passes.group_answer_ce_sum, group)
 
     shared = run()
     rows, width = group["input_ids"].shape
