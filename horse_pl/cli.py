@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -22,8 +23,17 @@ class HorseCLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
 
 
+# Lightning warnings about choices this module makes on purpose: the frozen LM stays in eval mode, and a
+# checkpoint holds the hypernetwork after its optimiser step, which is what resuming needs (see
+# tests/test_training.py::test_resume_continues_exactly).
+EXPECTED_WARNINGS = (r"Found \d+ module\(s\) in eval mode at the start of training",
+                     r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+
+
 def cli(args=None, run: bool = True) -> HorseCLI:
     """Build (and by default run) the CLI; ``args`` as a list or dict for tests."""
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     # The data module shards each global edit batch itself (see shard_batch), so Lightning must not
     # replace its sampler with a DistributedSampler; and evaluating an editor needs gradients (the edit
     # prompts' value gradients), which torch.inference_mode, Lightning's default for validate/test, forbids.
