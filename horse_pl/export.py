@@ -148,6 +148,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = 
     prefix = "editor."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     editor.load_state_dict(state)
+    if not int(editor.micro_batch_rows) and config.training.get("batch_size"):
+        # trained before the editor recorded its micro-batch size: the data module's is the same number
+        editor.micro_batch_rows.fill_(int(config.training["batch_size"]))
     return save_editor(editor, config, out, overwrite)
 
 

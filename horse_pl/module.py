@@ -164,7 +164,7 @@ class EditorModule(L.LightningModule):
         times = {} if times is None else times
         reduce = self.all_reduce
         with self._timed(times, "capture"):
-            cap = self.editor.capture(self.lm, self.edit_modules, micro_batches)
+            cap = self.editor.capture(self.lm, self.edit_modules, micro_batches, training=training)
         with self._timed(times, "predict"):
             if training:
                 self.editor.update_normalizer(cap, reduce if reduce is not _identity else None)

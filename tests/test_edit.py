@@ -41,6 +41,16 @@ def test_export_is_self_contained_and_reproducible(editor_dir, tiny_llama, capsy
     ckpt = torch.load(editor_dir / "ckpt" / "last.ckpt", weights_only=False)
     for name, value in editor.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][f"editor.{name}"]), name
+    assert int(editor.micro_batch_rows) == 4  # the training micro-batch size (--data.batch_size 4), kept
+    # editors saved before micro_batch_rows existed still load, with it unknown
+    older = {k: v for k, v in editor.state_dict().items() if k != "micro_batch_rows"}
+    editor.load_state_dict(older)
+    assert int(editor.micro_batch_rows) == 0
+    # and such a checkpoint exports with the data module's micro-batch size
+    del ckpt["state_dict"]["editor.micro_batch_rows"]
+    torch.save(ckpt, editor_dir / "older.ckpt")
+    assert export_main(["--ckpt_path", str(editor_dir / "older.ckpt"), "--out", str(editor_dir / "older")]) == 0
+    assert int(load_editor(editor_dir / "older")[0].micro_batch_rows) == 4
     again = editor_dir / "editor2"
     assert export_main(["--ckpt_path", str(editor_dir / "ckpt" / "last.ckpt"), "--out", str(again)]) == 0
     for name in ("config.json", "model.safetensors"):

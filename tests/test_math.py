@@ -273,6 +273,34 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
         assert cap.value_grads[i].abs().sum() > 0
 
 
+def test_capture_gives_a_small_micro_batch_the_value_gradient_scale_of_a_full_one(tiny_llama):
+    """Value gradients are those of the micro-batch's mean CE, so a request's shrink with the answer tokens
+    beside it; with ``full_rows`` a micro-batch of another size counts as ``full_rows`` rows, so one
+    request alone gets the value gradients it has in a full micro-batch (here: of four copies of itself),
+    and a full micro-batch is unchanged."""
+    from horse_pl.data.tokenize import collate, tokenize_pairs
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules
+    from horse_pl.editing.capture import capture
+    from horse_pl.models import load_model
+
+    model, tok = load_model(tiny_llama)
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    alone = collate(tokenize_pairs(tok, ["What is the capital of Freedonia?"], ["Paris"], max_length=1024),
+                    tok.pad_token_id)
+    full = collate(tokenize_pairs(tok, ["What is the capital of Freedonia?"] * 4, ["Paris"] * 4, max_length=1024),
+                   tok.pad_token_id)
+    n = int((alone["labels"] != -100).sum())
+    in_full, plain = capture(model, modules, [full]), capture(model, modules, [full], full_rows=4)
+    as_full, as_is = capture(model, modules, [alone], full_rows=4), capture(model, modules, [alone])
+    for i in range(len(modules)):
+        assert torch.equal(plain.value_grads[i], in_full.value_grads[i])  # full micro-batches: untouched
+        expected = in_full.value_grads[i][:n]
+        tol = 1e-4 * float(expected.abs().max())  # a one-row and a four-row pass round differently
+        torch.testing.assert_close(as_full.value_grads[i], expected, rtol=1e-4, atol=tol)
+        torch.testing.assert_close(as_is.value_grads[i], 4 * expected, rtol=1e-4, atol=4 * tol)
+        torch.testing.assert_close(as_full.keys[i], in_full.keys[i][:n])
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy(bias, softcap, monkeypatch):

@@ -63,10 +63,17 @@ def capture(
     micro_batches: Sequence[dict[str, torch.Tensor]],
     positions: str = "answer",
     dtype: torch.dtype = torch.float32,
+    full_rows: int = 0,
 ) -> Capture:
     """Forward + backward the model on ``micro_batches`` (loss: mean CE over answer tokens) and record
     keys and value gradients at the answer positions (``positions="answer"``, MALMEN/HORSE) or at every
-    non-padding position (``"all"``, MEND)."""
+    non-padding position (``"all"``, MEND).
+
+    The mean makes a token's value gradient shrink with the number of answer tokens beside it in its
+    micro-batch. With ``full_rows`` (the rows of a training micro-batch, :attr:`Editor.micro_batch_rows`)
+    a micro-batch of another size counts as that many rows' worth of tokens (``n_answer x full_rows /
+    rows``), so one request edited alone gets the gradient scale the editor was trained on; micro-batches
+    of ``full_rows`` rows are unchanged."""
     if positions not in ("answer", "all"):
         raise ValueError(f"capture positions must be 'answer' or 'all', not '{positions}'.")
     if torch.is_inference_mode_enabled():
@@ -77,6 +84,9 @@ def capture(
     total = 0.0
     for mb in micro_batches:
         n_answer = int((mb["labels"] != IGNORE_INDEX).sum())
+        rows = mb["labels"].shape[0]
+        if full_rows and rows != full_rows:
+            n_answer = n_answer * full_rows / rows
         loss = 0.0
         # the micro-batch's mean CE, computed one trimmed row group at a time (rows stay in order)
         for group in row_groups(mb):

@@ -69,14 +69,27 @@ class Editor(nn.Module):
         self.learn_lambda = learn_lambda and self.update.uses_lambda
         for net in self.hypernet.nets.values():
             net.lamda.weight.requires_grad_(self.learn_lambda)
+        # rows (requests) of the training micro-batches, 0 until trained; saved with the editor
+        self.register_buffer("micro_batch_rows", torch.zeros((), dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # editors saved before micro_batch_rows existed load with it unknown (0: no rescaling in capture)
+        state_dict.setdefault(prefix + "micro_batch_rows", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_modules(self) -> int:
         return len(self.hypernet.shapes)
 
-    def capture(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches) -> Capture:
-        """Keys and value gradients of every edit module on the edit prompts."""
-        return capture(model, modules, micro_batches, self.positions, self.cache_dtype)
+    def capture(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, training: bool = False) -> Capture:
+        """Keys and value gradients of every edit module on the edit prompts. Training records the size of its
+        micro-batches; outside training a micro-batch of another size gets the value-gradient scale of a
+        training one (see :func:`horse_pl.editing.capture.capture`'s ``full_rows``)."""
+        if training and micro_batches:
+            rows = max(mb["labels"].shape[0] for mb in micro_batches)
+            self.micro_batch_rows.fill_(max(rows, int(self.micro_batch_rows)))
+        return capture(model, modules, micro_batches, self.positions, self.cache_dtype,
+                       full_rows=0 if training else int(self.micro_batch_rows))
 
     @torch.no_grad()
     def update_normalizer(self, cap: Capture, all_reduce: AllReduce | None = None) -> None:
