@@ -303,16 +303,19 @@ def test_capture_gives_a_small_micro_batch_the_value_gradient_scale_of_a_full_on
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy(bias, softcap, monkeypatch):
-    """The chunked cross-entropy that never holds the full logits gives the loss and d loss / d hidden of
-    ``F.cross_entropy(output(hidden), labels, reduction="sum")``, with a bias and a Gemma-style softcap."""
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy(bias, softcap, scale, monkeypatch):
+    """The blocked cross-entropy that never holds the full logits gives the loss and d loss / d hidden of
+    ``F.cross_entropy(output(hidden), labels, reduction="sum")``, with a bias and a Gemma-style softcap, also
+    for large logits whose per-block maxima differ widely (the running log-sum-exp is rescaled)."""
     from horse_pl.editing import lm as lm_passes
 
     torch.manual_seed(0)
     output = torch.nn.Linear(16, 300, bias=bias).requires_grad_(False)
-    hidden = torch.randn(37, 16, dtype=torch.float64).float().requires_grad_(True)
+    hidden = (scale * torch.randn(37, 16, dtype=torch.float64)).float().requires_grad_(True)
     labels = torch.randint(0, 300, (37,))
-    monkeypatch.setattr(lm_passes, "CE_CHUNK_ELEMENTS", 300 * 5)  # 5 rows per chunk, the last one partial
+    monkeypatch.setattr(lm_passes, "CE_ROW_CHUNK", 5)  # blocks of 5 rows and 64 vocabulary columns,
+    monkeypatch.setattr(lm_passes, "CE_VOCAB_CHUNK", 64)  # the last ones partial
     fused = lm_passes.linear_cross_entropy(hidden, output, labels, softcap)
     (2.5 * fused).backward()
     fused_grad, hidden.grad = hidden.grad, None

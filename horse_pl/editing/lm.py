@@ -156,43 +156,61 @@ def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor]) -> tup
     return _logits(model.get_output_embeddings(), hidden, _softcap(model)), labels
 
 
-# Rows of logits formed at once by the fused cross-entropy (bounded by elements, so large vocabularies
-# take fewer rows): about 128 MB of fp32 logits per chunk. Few rows make the output projection's matrix
-# product slow (with SmolLM2's 49,152-token vocabulary, 85-row chunks took 35 % longer than 420 rows at once).
-CE_CHUNK_ELEMENTS = 1 << 25
+# The fused cross-entropy forms the logits one (rows x vocabulary columns) block at a time, small enough to
+# stay in the processor's cache while it is reduced and multiplied back by its output weights: on 2 CPU cores,
+# blocks of 2,048 columns made SmolLM2's loss and gradient about 20 % faster than 128 MB blocks of whole rows.
+CE_VOCAB_CHUNK = 2048
+CE_ROW_CHUNK = 2048
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` (optionally soft-capped) against ``labels``.
 
-    The logits are formed chunk by chunk and, when ``hidden`` needs a gradient, turned into
-    ``d loss / d hidden`` at once (softmax minus one-hot, times the output weight), so the full
-    (tokens x vocab) logits, their log-softmax and its zero-filled gradient are never held.
+    One pass over blocks of the vocabulary: each block's logits are reduced at once into a running
+    log-sum-exp (online softmax) and, when ``hidden`` needs a gradient, multiplied back by the block's
+    output weights; the running sums are rescaled as the maximum grows, so ``d loss / d hidden``
+    (softmax minus one-hot, times the output weight) is complete after the last block. Neither the full
+    (tokens x vocab) logits, their log-softmax nor its zero-filled gradient is ever held.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, softcap):
         need_grad = ctx.needs_input_grad[0]
-        rows = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows], labels[start:start + rows]
-            logits = F.linear(h, weight, bias).float()
+        for start in range(0, hidden.shape[0], CE_ROW_CHUNK):
+            h, y = hidden[start:start + CE_ROW_CHUNK], labels[start:start + CE_ROW_CHUNK]
+            target_weight = weight[y]
+            target = (h.float() * target_weight.float()).sum(-1)
+            if bias is not None:
+                target = target + bias[y].float()
             if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            top = logits.amax(-1, keepdim=True)
-            exps = logits.sub_(top).exp_()  # in place: one exponential per logit serves the loss and the softmax
-            sums = exps.sum(-1, keepdim=True)
-            total += (top + sums.log()).sum() - target.sum()
-            if need_grad:
-                probs = exps.div_(sums)
-                probs[torch.arange(len(y), device=y.device), y] -= 1
+                target = torch.tanh(target / softcap) * softcap
+            top = h.new_full((len(y),), -torch.inf, dtype=torch.float32)
+            sums = torch.zeros_like(top)
+            grad = h.new_zeros(h.shape, dtype=torch.float32) if need_grad else None
+            for col in range(0, weight.shape[0], CE_VOCAB_CHUNK):
+                w = weight[col:col + CE_VOCAB_CHUNK]
+                logits = F.linear(h, w, None if bias is None else bias[col:col + CE_VOCAB_CHUNK]).float()
                 if softcap:
-                    probs.mul_(1 - capped * capped)
-                grad_hidden[start:start + rows] = probs.to(weight.dtype) @ weight
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                block_top = logits.amax(-1)
+                new_top = torch.maximum(top, block_top)
+                old_scale, block_scale = (top - new_top).exp(), (block_top - new_top).exp()
+                exps = logits.sub_(block_top[:, None]).exp_()  # one exponential serves the loss and the softmax
+                sums = sums * old_scale + exps.sum(-1) * block_scale
+                if need_grad:
+                    if softcap:
+                        exps.mul_(1 - capped * capped)
+                    grad = grad * old_scale[:, None] + (exps.to(w.dtype) @ w).float() * block_scale[:, None]
+                top = new_top
+            total += (top + sums.log() - target).sum()
+            if need_grad:
+                one_hot = target_weight.float()  # d logit_y / d hidden
+                if softcap:
+                    one_hot = one_hot * (1 - (target / softcap) ** 2)[:, None]
+                grad_hidden[start:start + CE_ROW_CHUNK] = (grad / sums[:, None] - one_hot).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -232,6 +250,8 @@ def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> tup
 
 
 def answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of a micro-batch."""
-    n_answer = int((micro_batch["labels"] != IGNORE_INDEX).sum())
-    return sum(group_answer_ce_sum(model, group) for group in row_groups(micro_batch)) / n_answer
+    """Mean cross-entropy over the answer tokens of a micro-batch (its row groups' answer states go through
+    the output projection together: one larger matrix product runs faster than several small ones)."""
+    parts = [_answer_hidden(model, group) for group in row_groups(micro_batch)]
+    hidden, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, _softcap(model)) / len(labels)
