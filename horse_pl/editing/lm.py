@@ -180,8 +180,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         for start in range(0, hidden.shape[0], CE_ROW_CHUNK):
             h, y = hidden[start:start + CE_ROW_CHUNK], labels[start:start + CE_ROW_CHUNK]
-            target_weight = weight[y]
-            target = (h.float() * target_weight.float()).sum(-1)
+            target_weight = weight[y].float()  # d logit_y / d hidden
+            target = (h.float() * target_weight).sum(-1)
             if bias is not None:
                 target = target + bias[y].float()
             if softcap:
@@ -207,7 +207,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 top = new_top
             total += (top + sums.log() - target).sum()
             if need_grad:
-                one_hot = target_weight.float()  # d logit_y / d hidden
+                one_hot = target_weight
                 if softcap:
                     one_hot = one_hot * (1 - (target / softcap) ** 2)[:, None]
                 grad_hidden[start:start + CE_ROW_CHUNK] = (grad / sums[:, None] - one_hot).to(hidden.dtype)
