@@ -111,3 +111,17 @@ def test_too_few_records_and_missing_train_path(tiny_llama, tmp_path):
         dm.train_dataloader()
     with pytest.raises(RecordError, match="needs data.train_path"):
         EditDataModule(model=tiny_llama).setup("fit")
+
+
+def test_dev_split_is_held_out_of_training_and_validated_on(tiny_llama):
+    dm = _dm(tiny_llama, dev_size=30, val_split="dev", val_limit=20)
+    kept = dm.reports["train"].kept
+    dev_ids = set(dm.splits["val"]["index"])
+    train_ids = set(dm.splits["train"]["index"])
+    assert len(dev_ids) == 20 and not dev_ids & train_ids
+    assert sorted(dev_ids) == kept[-30:-10]  # the last 30 valid records, the first 20 of them evaluated
+    assert len(train_ids) == len(kept) - 30
+    seen = {i for batch in dm.train_dataloader() for i in batch["index"].tolist()}
+    assert not seen & set(kept[-30:])
+    with pytest.raises(ValueError, match="val_split"):
+        EditDataModule(train_path=str(ZSRE_TRAIN), val_split="dev")

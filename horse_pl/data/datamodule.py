@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from horse_pl.data.records import EditRequest, LoadReport, RecordError, load_requests
+from horse_pl.data.records import EditRequest, LoadReport, RecordError, hold_out_dev, load_requests
 from horse_pl.data.tokenize import Tokenized, collate, tokenize_pairs
 from horse_pl.models import DEFAULT_MODEL, load_tokenizer
 
@@ -159,6 +160,10 @@ class EditDataModule(L.LightningDataModule):
             so in-order batches edit several facts of the same subject together, a harder setting.
         max_length: longest prompt + answer in tokens; longer records are an error, never truncated.
         skip_invalid: skip invalid training records (counted and logged) instead of failing.
+        dev_size: hold out the last ``dev_size`` valid training records as a development split: never
+            trained on, for choosing settings without looking at the evaluation records.
+        val_split: validate on the evaluation records (``eval``, ``val_path``) or on the held-out
+            development records (``dev``, needs ``dev_size``).
         seed: shuffling seed.
         num_workers: DataLoader worker processes.
     """
@@ -177,12 +182,17 @@ class EditDataModule(L.LightningDataModule):
         val_shuffle: bool = False,
         max_length: int = 256,
         skip_invalid: bool = True,
+        dev_size: int = 0,
+        val_split: Literal["eval", "dev"] = "eval",
         seed: int = 0,
         num_workers: int = 0,
     ):
         super().__init__()
         if n_edits < 1 or batch_size < 1:
             raise ValueError(f"n_edits ({n_edits}) and batch_size ({batch_size}) must be positive.")
+        if val_split not in ("eval", "dev") or (val_split == "dev" and dev_size < 1):
+            raise ValueError(f"--data.val_split must be 'eval' or 'dev' (with --data.dev_size > 0), not '{val_split}' "
+                             f"with dev_size={dev_size}.")
         self.save_hyperparameters()
         self.reports: dict[str, LoadReport] = {}
         self.splits: dict[str, datasets.Dataset] = {}
@@ -208,18 +218,20 @@ class EditDataModule(L.LightningDataModule):
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}.get(stage or "fit",
                                                                                                      ["train", "val"])
         paths = {"train": hp.train_path, "val": hp.val_path, "test": hp.test_path or hp.val_path}
+        if hp.val_split == "dev":
+            paths["val"] = hp.train_path
         for split in wanted:
             if split in self.splits or paths[split] is None:
                 if split == "train" and paths[split] is None:
                     raise RecordError("EditDataModule needs data.train_path to fit; point it at a training file.")
                 continue
             training = split == "train"
-            requests = self._read(paths[split], split, training)
+            from_dev = split == "val" and hp.val_split == "dev"
+            requests, ids = self._split_requests(split, paths[split], training, from_dev)
             views = TRAIN_VIEWS if training else EVAL_VIEWS
             self.requests[split] = requests
             self.splits[split] = tokenize_requests(self.tokenizer, requests, views, hp.max_length,
-                                                   where=f"{paths[split]}: record",
-                                                   record_ids=self.reports[split].kept)
+                                                   where=f"{paths[split]}: record", record_ids=ids)
             n_edits = hp.n_edits if training else (hp.val_n_edits or hp.n_edits)
             rest = len(requests) % n_edits
             if rest:
@@ -227,6 +239,18 @@ class EditDataModule(L.LightningDataModule):
                     "edited together as a last, smaller edit batch"
                 log.info("%s: %d requests = %d edit batches of %d; the remaining %d are %s.", split, len(requests),
                          len(requests) // n_edits, n_edits, rest, what)
+
+    def _split_requests(self, split: str, path: str, training: bool, from_dev: bool) -> tuple[list, list[int]]:
+        """The requests of one split and their record ids; the training file loses its dev records."""
+        hp = self.hparams
+        if not (training or from_dev):
+            requests = self._read(path, split, training=False)
+            return requests, self.reports[split].kept
+        requests = self._read(path, split, training=True)
+        train, train_ids, dev, dev_ids = hold_out_dev(requests, self.reports[split], hp.dev_size)
+        if not training:
+            dev, dev_ids = dev[:hp.val_limit], dev_ids[:hp.val_limit]
+        return (train, train_ids) if training else (dev, dev_ids)
 
     def _loader(self, split: str, training: bool) -> DataLoader:
         hp = self.hparams

@@ -287,6 +287,17 @@ def load_requests(
     return requests, report
 
 
+def hold_out_dev(requests: list[EditRequest], report: LoadReport, dev_size: int) -> tuple[list[EditRequest], list[int],
+                                                                                   list[EditRequest], list[int]]:
+    """Split a training file's valid requests into (train, train record ids, dev, dev record ids): the last
+    ``dev_size`` valid records are the development split, for tuning settings without the evaluation records."""
+    if dev_size < 0 or dev_size >= len(requests):
+        raise RecordError(f"dev_size={dev_size} must be at least 0 and below the {len(requests)} valid records of "
+                          f"'{report.path}'; choose a smaller dev_size.")
+    cut = len(requests) - dev_size
+    return requests[:cut], report.kept[:cut], requests[cut:], report.kept[cut:]
+
+
 def request_to_dict(request: EditRequest) -> dict:
     """Plain-dict form (used for reports)."""
     return asdict(request)
