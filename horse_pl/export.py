@@ -51,6 +51,7 @@ class EditorConfig:
     base_model: str
     base_fingerprint: str
     training: dict = field(default_factory=dict)
+    update_args: dict = field(default_factory=dict)  # the update stage's options (e.g. ClosedFormUpdate.preserve)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -68,8 +69,13 @@ def build_editor(config: EditorConfig) -> Editor:
     """An :class:`Editor` with the architecture and stages named in ``config`` (weights untouched)."""
     if config.spread not in SPREADS or config.update not in UPDATES:
         raise EditorLoadError(f"Unknown stage in editor config: spread '{config.spread}', update '{config.update}'.")
+    try:
+        update = UPDATES[config.update](**config.update_args)
+    except (TypeError, ValueError) as err:
+        raise EditorLoadError(f"The editor config's update_args {config.update_args} do not fit the '{config.update}' "
+                              f"stage ({err}); export the editor again.") from None
     return Editor([tuple(s) for s in config.shapes], config.rank, config.n_blocks, config.lr,
-                  SPREADS[config.spread](), UPDATES[config.update](), config.positions, config.learn_lambda,
+                  SPREADS[config.spread](), update, config.positions, config.learn_lambda,
                   config.chunk_size, parse_dtype(config.cache_dtype))
 
 
@@ -85,8 +91,9 @@ def save_editor(editor: Editor, config: EditorConfig, out: str | Path, overwrite
     return Path(out)
 
 
-def load_editor(folder: str | Path) -> tuple[Editor, EditorConfig]:
-    """Load an exported editor folder (no checkpoint, trainer or pickle needed)."""
+def load_editor(folder: str | Path, update_args: dict | None = None) -> tuple[Editor, EditorConfig]:
+    """Load an exported editor folder (no checkpoint, trainer or pickle needed); ``update_args`` override the
+    update stage's saved options (and are recorded in the returned config)."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
@@ -97,6 +104,8 @@ def load_editor(folder: str | Path) -> tuple[Editor, EditorConfig]:
         raise EditorLoadError(f"'{config_path}' has format_version {raw.get('format_version')}, this horse_pl reads "
                               f"{FORMAT_VERSION}; export the editor again with this version.")
     config = EditorConfig(**raw)
+    if update_args:
+        config.update_args = {**config.update_args, **update_args}
     editor = build_editor(config)
     editor.load_state_dict(load_file(str(weights_path)))
     editor.eval()
@@ -133,7 +142,7 @@ def config_from_checkpoint(checkpoint: dict) -> EditorConfig:
         positions=hp["positions"], learn_lambda=hp["learn_lambda"], rank=hp["rank"], n_blocks=hp["n_blocks"],
         lr=hp["lr"], chunk_size=hp["chunk_size"], cache_dtype=hp["cache_dtype"], edit_modules=meta["edit_modules"],
         shapes=[list(s) for s in meta["shapes"]], base_model=hp["model"], base_fingerprint=meta["fingerprint"],
-        training=training,
+        training=training, update_args=update.init_args(),
         versions={p: version(p) for p in ("horse_pl", "torch", "transformers", "lightning")},
     )
 

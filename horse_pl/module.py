@@ -18,6 +18,7 @@ from horse_pl.data.datamodule import EVAL_VIEWS, shard_batch
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
 from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.evaluate import edit_and_score
+from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.lm import answer_ce, answer_logits
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import GramSchmidtSpread, Spread, _identity, distributed_sum
@@ -54,6 +55,8 @@ class EditorModule(L.LightningModule):
         max_grad_norm: gradient clipping of the hypernetwork.
         chunk_size: hypernetwork rows per chunk.
         cache_dtype: dtype of captured keys and value gradients (``float32`` or ``bfloat16``).
+        general_data: folder of the general-ability data, whose texts give the key moments of an update stage
+            with a preservation term (``ClosedFormUpdate(preserve=...)``).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class EditorModule(L.LightningModule):
         max_grad_norm: float = 1.0,
         chunk_size: int = 1024,
         cache_dtype: str = "float32",
+        general_data: str = DEFAULT_GENERAL_DATA,
     ):
         super().__init__()
         if meta_lr_schedule not in ("constant", "cosine"):
@@ -98,11 +102,12 @@ class EditorModule(L.LightningModule):
         if self.editor is not None:
             return
         hp = self.hparams
-        lm, _ = load_model(hp.model, dtype=hp.model_dtype)
+        lm, tokenizer = load_model(hp.model, dtype=hp.model_dtype)
         self.module_names = sorted(resolve_edit_modules(lm, hp.edit_modules), key=layer_index)
         shapes = [weight_shape(m) for m in get_modules(lm, self.module_names)]
         self.editor = Editor(shapes, hp.rank, hp.n_blocks, hp.lr, self.spread_stage, self.update_stage,
                              hp.positions, hp.learn_lambda, hp.chunk_size, parse_dtype(hp.cache_dtype))
+        bind_preservation(self.editor, lm, tokenizer, self.module_names, hp.general_data)
         self.lm = lm  # registered last: a frozen submodule, dropped from checkpoints below
         self.fingerprint = model_fingerprint(lm)
 

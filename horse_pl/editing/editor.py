@@ -72,6 +72,20 @@ class Editor(nn.Module):
         # rows (requests) of the training micro-batches, 0 until trained; saved with the editor
         self.register_buffer("micro_batch_rows", torch.zeros((), dtype=torch.int64))
 
+    def bind_key_moments(self, moments: Sequence[torch.Tensor]) -> None:
+        """Give the update stage each edit module's ``C0`` (:func:`horse_pl.editing.key_stats.cached_key_moments`).
+        They are buffers that move with the editor but are never saved: they come from the base model."""
+        if len(moments) != self.n_modules:
+            raise ValueError(f"Got key moments for {len(moments)} modules; the editor edits {self.n_modules}.")
+        for position, moment in enumerate(moments):
+            self.register_buffer(f"key_moment_{position}", moment, persistent=False)
+
+    @property
+    def key_moments(self) -> list[torch.Tensor] | None:
+        if not hasattr(self, "key_moment_0"):
+            return None
+        return [getattr(self, f"key_moment_{p}") for p in range(self.n_modules)]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # editors saved before micro_batch_rows existed load with it unknown (0: no rescaling in capture)
         state_dict.setdefault(prefix + "micro_batch_rows", torch.zeros((), dtype=torch.int64))
@@ -136,7 +150,8 @@ class Editor(nn.Module):
         spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
         clock("spread")
         shifts = []
-        factors = [self.update.factor(update_keys[p], self.hypernet.log_lambda(p), all_reduce)
+        moments = self.key_moments or [None] * self.n_modules
+        factors = [self.update.factor(update_keys[p], self.hypernet.log_lambda(p), all_reduce, moments[p])
                    for p in range(self.n_modules)]
         for position in range(self.n_modules):
             shift = self.update.param_shift(update_keys[position], spread_residuals[position],
