@@ -21,6 +21,11 @@ from horse_pl.data.tokenize import TokenizationError
 from horse_pl.export import EditorLoadError
 from horse_pl.io import write_atomic_dir
 from horse_pl.models import load_model
+from horse_pl.sequential.general import GeneralCheck
+
+GENERAL_DATA = "../shared/data/general"
+# batch edits score the tasks the sequential runner scores, QA first (it alone is above chance for small models)
+EDIT_GENERAL_TASKS = ("open_domain_qa", "sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
 
 USER_ERRORS = (RecordError, TokenizationError, EditorLoadError, FileExistsError, FileNotFoundError,
                ModuleNotFoundError, ValueError)
@@ -31,6 +36,17 @@ def _print_table(summary: dict) -> None:
     print(f"{'score':<14}{'before':>8}{'after':>8}")
     for name in names:
         print(f"{name:<14}{summary['before'][name]:>8.3f}{summary['after'][name]:>8.3f}")
+
+
+def _print_general(general: dict) -> None:
+    kept = [t for t, row in general["tasks"].items() if row["kept"]]
+    print(f"{'general':<20}{'before':>8}{'after':>8}{'retention':>11}")
+    for name in kept + ["perplexity"]:
+        print(f"{name:<20}{general['before'][name]:>8.3f}{general['after'][name]:>8.3f}"
+              f"{general['retention'][name]:>11.3f}")
+    dropped = [t for t in general["tasks"] if t not in kept]
+    if dropped:
+        print(f"(not above chance for the unedited model, left out: {', '.join(dropped)})")
 
 
 def run_edit(args: argparse.Namespace) -> None:
@@ -44,9 +60,22 @@ def run_edit(args: argparse.Namespace) -> None:
     if len(unique) < len(requests):
         print(f"note: {len(requests) - len(unique)} duplicate requests (same prompt and target) are edited as given",
               file=sys.stderr)
-    ke = KnowledgeEditor.from_pretrained(args.editor, model=args.model, dtype=args.dtype, device=args.device)
-    shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length)
+    update_args = {k: v for k, v in (("preserve", args.preserve), ("ridge_per_row", args.ridge_per_row))
+                   if v is not None}
+    general_data = GENERAL_DATA if args.general_data is None else args.general_data
+    ke = KnowledgeEditor.from_pretrained(args.editor, model=args.model, dtype=args.dtype, device=args.device,
+                                         update_args=update_args, general_data=general_data)
+    general = None
+    if args.general:
+        if not general_data:
+            raise EditorLoadError("--general needs --general-data (the folder with glue_eval/ and "
+                                  "model_editing_hurt/).")
+        general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or EDIT_GENERAL_TASKS,
+                               args.general_limit or 200)
+    shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general)
     _print_table(edit_report["summary"])
+    if "general" in edit_report:
+        _print_general(edit_report["general"])
     start = time.perf_counter()
     edit_report["timings"] = ke.timings
     edit_report["requests_file"] = {"path": str(args.requests), "sha256": file_sha256(args.requests)}
@@ -162,6 +191,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="dtype of the base model")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda")
     p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (e.g. configs/mose_*.yaml)")
+    p.add_argument("--general", action="store_true",
+                   help="also score general abilities (perplexity, QA and choice tasks) before and after the edit")
+    p.add_argument("--preserve", type=float, default=None,
+                   help="preservation weight mu of the solve (mu C0, C0 the key second moment on unrelated text; "
+                        "default: the editor's)")
+    p.add_argument("--ridge-per-row", type=float, default=None,
+                   help="extra ridge c N growing with the N key rows (default: the editor's)")
     seq = p.add_argument_group("sequential editing (--sequential): edits accumulate request by request")
     seq.add_argument("--sequential", action="store_true", help="edit the requests one turn after another")
     seq.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse"),

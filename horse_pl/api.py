@@ -21,11 +21,13 @@ from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
 from horse_pl.data.records import EditRequest, RecordError
 from horse_pl.edit_modules import get_modules, resolve_edit_modules
 from horse_pl.editing.evaluate import edit_and_score
-from horse_pl.editing.shifts import merge
+from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
+from horse_pl.editing.shifts import applied, merge
 from horse_pl.export import EditorLoadError, load_editor
 from horse_pl.io import write_atomic_dir
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
+from horse_pl.sequential.general import GeneralCheck
 
 DELTA_FORMAT = "horse_pl-delta"
 
@@ -48,9 +50,12 @@ class KnowledgeEditor:
 
     @classmethod
     def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
-                        device: str = "cpu") -> KnowledgeEditor:
+                        device: str = "cpu", update_args: dict | None = None,
+                        general_data: str = DEFAULT_GENERAL_DATA) -> KnowledgeEditor:
+        """Load an exported editor and its base model. ``update_args`` override the update stage's saved options
+        (e.g. ``{"preserve": 1e4}``); ``general_data`` holds the texts of a preservation term's key moments."""
         start = time.perf_counter()
-        editor, config = load_editor(editor_dir)
+        editor, config = load_editor(editor_dir, update_args)
         name = model or config.base_model
         lm, tokenizer = load_model(name, dtype=dtype, device=device)
         resolve_edit_modules(lm, config.edit_modules)  # clear error if a module is missing
@@ -59,6 +64,7 @@ class KnowledgeEditor:
             raise EditorLoadError(f"The editor in '{editor_dir}' was trained on '{config.base_model}' (fingerprint "
                                   f"{config.base_fingerprint}), not on '{name}' (fingerprint {fingerprint}); "
                                   "use the editor's base model or train an editor for this one.")
+        bind_preservation(editor, lm, tokenizer, config.edit_modules, general_data)
         instance = cls(editor.to(device), config, lm, tokenizer, name)
         instance.timings["load"] = time.perf_counter() - start
         return instance
@@ -73,8 +79,10 @@ class KnowledgeEditor:
         return batch
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
-             merge_shifts: bool = True) -> tuple[list[torch.Tensor], dict]:
-        """Compute the shifts of all requests at once, score before/after, and (by default) merge them."""
+             merge_shifts: bool = True, general: GeneralCheck | None = None) -> tuple[list[torch.Tensor], dict]:
+        """Compute the shifts of all requests at once, score before/after, and (by default) merge them.
+        With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
+        model before and after the edit, and their retention (after / before)."""
         if not requests:
             raise RecordError("There are no valid edit requests to apply.")
         start = time.perf_counter()
@@ -82,13 +90,27 @@ class KnowledgeEditor:
         self.timings["tokenize"] = time.perf_counter() - start
         result = edit_and_score(self.editor, self.model, self.modules, batch, EVAL_VIEWS, score_before=True,
                                 timings=self.timings)
+        general_report = self._general(general, result.state.param_shifts) if general is not None else None
         if merge_shifts:
             start = time.perf_counter()
             self.fingerprints = (model_fingerprint(self.model), None)
             merge(self.modules, result.state.param_shifts)
             self.fingerprints = (self.fingerprints[0], model_fingerprint(self.model))
             self.timings["merge"] = time.perf_counter() - start
-        return result.state.param_shifts, self._report(requests, result)
+        report = self._report(requests, result)
+        if general_report is not None:
+            report["general"] = general_report
+        return result.state.param_shifts, report
+
+    def _general(self, general: GeneralCheck, shifts: Sequence[torch.Tensor]) -> dict:
+        start = time.perf_counter()
+        if general.before is None:
+            general.baseline(self.model)
+        with applied(self.modules, shifts):
+            after = general.score(self.model)
+        self.timings["general"] = time.perf_counter() - start
+        return {"before": general.before, "after": after, "retention": general.retention(after),
+                "tasks": general.task_table()}
 
     def _report(self, requests, result) -> dict:
         per_request = [{"prompt": r.prompt, "target": r.target, "before": {}, "after": {}} for r in requests]

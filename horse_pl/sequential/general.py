@@ -187,3 +187,40 @@ def retention(before: dict[str, float], after: dict[str, float], kept: Sequence[
     out["mean"] = sum(out.values()) / len(out) if out else None  # no task above chance: nothing to average
     out["perplexity"] = before["perplexity"] / after["perplexity"]
     return out
+
+
+class GeneralCheck:
+    """General abilities of one model before and after editing: score the unedited model once (which also
+    decides which tasks are clearly above chance), then any edited model against it as retention.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        root: folder with ``glue_eval/`` and ``model_editing_hurt/`` (``../shared/data/general``).
+        tasks: task names (:data:`TASKS`, :data:`QA_TASKS`).
+        limit: examples per task.
+    """
+
+    def __init__(self, tokenizer, root: str | Path, tasks: Sequence[str], limit: int | None):
+        self.tokenizer, self.root, self.tasks, self.limit = tokenizer, root, tuple(tasks), limit
+        examples = {t: load_task(root, t, limit) for t in self.tasks}
+        self.chance = {t: chance_level(t, examples[t], tokenizer) for t in self.tasks}
+        self.n = {t: len(examples[t]) for t in self.tasks}
+        self.before: dict[str, float] | None = None
+        self.kept: list[str] = []
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        return general_abilities(model, self.tokenizer, self.root, self.tasks, self.limit)
+
+    def baseline(self, model: nn.Module) -> dict[str, float]:
+        """Score the unedited model and keep the tasks it does clearly above chance."""
+        self.before = self.score(model)
+        self.kept = [t for t in self.tasks if above_chance(self.before[t], self.chance[t], self.n[t])]
+        return self.before
+
+    def task_table(self) -> dict[str, dict]:
+        """Per task: chance level, the unedited model's score, examples, and whether it counts."""
+        return {t: {"chance": self.chance[t], "unedited": self.before[t], "n": self.n[t], "kept": t in self.kept}
+                for t in self.tasks}
+
+    def retention(self, after: dict[str, float]) -> dict[str, float | None]:
+        return retention(self.before, after, self.kept)

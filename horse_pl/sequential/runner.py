@@ -23,7 +23,7 @@ from horse_pl.edit_modules import resolve_edit_modules
 from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
 from horse_pl.models import load_model
 from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
-from horse_pl.sequential.general import above_chance, chance_level, general_abilities, load_task, retention
+from horse_pl.sequential.general import GeneralCheck
 
 log = logging.getLogger(__name__)
 METHODS = ("mose", "ft", "horse")
@@ -107,17 +107,11 @@ class SequentialRun:
             _accumulate(unedited, compute_scores(scores, None))
         self.report: dict = {"config": asdict(cfg), "n_requests": len(self.requests), "unedited": _summary(unedited),
                              "methods": {}}
+        self.general = None
         if cfg.general_data and cfg.general_tasks:
-            self.report["general_before"] = general_abilities(model, self.tokenizer, cfg.general_data,
-                                                              cfg.general_tasks, cfg.general_limit)
-            examples = {t: load_task(cfg.general_data, t, cfg.general_limit) for t in cfg.general_tasks}
-            chance = {t: chance_level(t, examples[t], self.tokenizer) for t in cfg.general_tasks}
-            n = {t: len(examples[t]) for t in cfg.general_tasks}
-            self.kept = [t for t in cfg.general_tasks
-                         if above_chance(self.report["general_before"][t], chance[t], n[t])]
-            self.report["general_tasks"] = {
-                t: {"chance": chance[t], "unedited": self.report["general_before"][t], "n": n[t],
-                    "kept": t in self.kept} for t in cfg.general_tasks}
+            self.general = GeneralCheck(self.tokenizer, cfg.general_data, cfg.general_tasks, cfg.general_limit)
+            self.report["general_before"] = self.general.baseline(model)
+            self.report["general_tasks"] = self.general.task_table()
         self.report["unedited_seconds"] = time.perf_counter() - start
         del model
 
@@ -179,11 +173,10 @@ class SequentialRun:
         result = {"post": _summary(post), "after_post": _summary(after), "sequence_seconds": sequence_seconds,
                   "edit_seconds": edit_seconds, "diagnostics": history, "per_request_post": per_request_post}
         logger.log_metrics({f"after_post/{k}": v for k, v in result["after_post"].items()}, step=done)
-        if "general_before" in self.report:
-            general_after = general_abilities(model, self.tokenizer, cfg.general_data, cfg.general_tasks,
-                                              cfg.general_limit)
+        if self.general is not None:
+            general_after = self.general.score(model)
             result["general_after"] = general_after
-            result["retention"] = retention(self.report["general_before"], general_after, self.kept)
+            result["retention"] = self.general.retention(general_after)
             logger.log_metrics({f"retention/{k}": v for k, v in result["retention"].items() if v is not None},
                                step=done)
         logger.finalize("success")
