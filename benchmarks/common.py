@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
-
-def machine() -> str:
-    import torch
-
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+from horse_pl.records import machine, provenance  # noqa: F401  (re-exported for the benchmark scripts)
 
 
 def pyplot():

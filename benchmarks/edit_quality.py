@@ -1,59 +1,77 @@
-"""Edit quality against the number of simultaneous edits, for editors that differ only in their spread.
+"""Edit quality and general-ability retention against the number of simultaneous edits N.
 
-    python benchmarks/edit_quality.py --dataset zsre                      # N = 16, 64, 256
-    python benchmarks/edit_quality.py --dataset counterfact --n 16 64 256 1024
+    python benchmarks/edit_quality.py --dataset zsre                                  # N = 16, 64, 256
+    python benchmarks/edit_quality.py --dataset zsre --n 128 512 1024 --general       # the scale curve
+    python benchmarks/edit_quality.py --dataset counterfact --n 128 1024 4096 8192 --general
+    python benchmarks/edit_quality.py --split dev --editors horse=editors/x horse_mu=editors/x,preserve=1e4
 
-For each editor and each N, the first N requests of the evaluation file are edited at once with the
-editor's own code path (capture, predict, spread, solve) and scored with the shifts applied: ES / GS /
-LS, LS_agree, generation exact match, and where the data allows efficacy / paraphrase / neighbourhood
-and portability. The unedited model's scores on the same requests come from the same pass. The
-default editors are the exported recipes below (train each with the same budget, then export):
+For each editor and each N, N requests (a seeded random draw, the same for every editor; all of them
+when N is the split's size) are edited at once with the editor's own code path (capture, predict,
+spread, solve) and scored with the shifts applied: ES / GS / LS, LS_agree, generation exact match, and
+where the data allows efficacy / paraphrase / neighbourhood and portability; the unedited model's
+scores on the same requests come from the same pass. With ``--general`` the edited model's perplexity
+on a fixed text sample and its QA accuracy (``../shared/data/general``) are scored against the unedited
+model's (retention = after / before). Edit time (capture to solve) and peak memory are recorded per N.
+
+``--split eval`` (default) reads the evaluation file; ``--split dev`` the last ``--dev-size`` valid
+records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
+on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,ridge_per_row=C`` overriding its
+update stage (the same editor, another solve). The default editors are the exported recipes:
 
     gram_schmidt  editors/horse_smollm2_{dataset}            configs/horse_smollm2_{dataset}.yaml
     reference     editors/horse_reference_smollm2_{dataset}  configs/horse_reference_smollm2_{dataset}.yaml
     none          editors/malmen_smollm2_{dataset}           configs/malmen_smollm2_{dataset}.yaml
 
-    python train.py fit --config configs/<recipe>.yaml
-    python train.py export --ckpt_path checkpoints/<recipe>/last.ckpt --out editors/<recipe>
-
-Editors that are missing are listed with these commands and skipped. Writes a JSON file and a PNG plot.
+Writes a JSON record and a PNG plot (quality and retention against N, log x axis).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine, pyplot, save_figure, write_json  # noqa: E402
+from common import provenance, pyplot, save_figure, write_json  # noqa: E402
 
-DATA = {"zsre": ROOT.parent / "shared" / "data" / "zsre" / "zsre_eval_1k.json.gz",
-        "counterfact": ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_eval_10k.json.gz"}
+SHARED = ROOT.parent / "shared" / "data"
+DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zsre_train_10k.json.gz"),
+        "counterfact": (SHARED / "counterfact" / "counterfact_eval_10k.json.gz",
+                        SHARED / "counterfact" / "counterfact_train_10k.json.gz")}
 RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smollm2_{}", "none": "malmen_smollm2_{}"}
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
+UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float}
 
 
-def _editors(args) -> dict[str, Path]:
+def parse_editor(spec: str) -> tuple[str, Path, dict]:
+    """``NAME=FOLDER[,preserve=MU][,ridge_per_row=C]`` -> (name, folder, update-stage overrides)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise SystemExit(f"error: --editors takes NAME=FOLDER[,preserve=MU][,ridge_per_row=C], not '{spec}'.")
+    folder, *options = rest.split(",")
+    overrides = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in UPDATE_OPTIONS:
+            raise SystemExit(f"error: unknown editor option '{key}' in '{spec}'; use {sorted(UPDATE_OPTIONS)}.")
+        overrides[key] = UPDATE_OPTIONS[key](value)
+    return name, Path(folder), overrides
+
+
+def _editors(args) -> list[tuple[str, Path, dict]]:
     if args.editors:
-        pairs = [e.split("=", 1) for e in args.editors]
-        bad = [e for e, p in zip(args.editors, pairs) if len(p) != 2]
-        if bad:
-            raise SystemExit(f"error: --editors takes NAME=FOLDER pairs, not {bad}.")
-        return {name: Path(folder) for name, folder in pairs}
-    found, missing = {}, []
+        return [parse_editor(spec) for spec in args.editors]
+    found, missing = [], []
     for name, recipe in RECIPES.items():
         folder = ROOT / "editors" / recipe.format(args.dataset)
-        if (folder / "config.json").exists():
-            found[name] = folder
-        else:
-            missing.append((name, recipe.format(args.dataset)))
-    for name, recipe in missing:
+        (found if (folder / "config.json").exists() else missing).append((name, folder, {}))
+    for name, folder, _ in missing:
+        recipe = folder.name
         print(f"skipping '{name}': no editor in editors/{recipe}; make it with\n"
               f"  python train.py fit --config configs/{recipe}.yaml\n"
               f"  python train.py export --ckpt_path checkpoints/{recipe}/last.ckpt --out editors/{recipe}",
@@ -63,88 +81,148 @@ def _editors(args) -> dict[str, Path]:
     return found
 
 
+def split_requests(args) -> tuple[list, str]:
+    """The requests of ``--split`` and a description of where they come from."""
+    from horse_pl.data.records import hold_out_dev, load_requests
+
+    eval_path, train_path = DATA[args.dataset]
+    if args.split == "eval":
+        path = args.data or eval_path
+        requests, _ = load_requests(path, args.format, skip_invalid=True)
+        return requests, f"{path} (evaluation records)"
+    path = args.data or train_path
+    requests, report = load_requests(path, args.format, skip_invalid=True, require=("rephrase", "locality_prompt"))
+    _, _, dev, _ = hold_out_dev(requests, report, args.dev_size)
+    return dev, f"{path} (development split: its last {args.dev_size} valid records)"
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far (N grows)
+
+
 def evaluate(args) -> dict:
+    import torch
 
     from horse_pl.api import KnowledgeEditor
     from horse_pl.data.datamodule import EVAL_VIEWS
-    from horse_pl.data.records import load_requests
     from horse_pl.edit_modules import get_modules
     from horse_pl.editing.evaluate import edit_and_score
+    from horse_pl.editing.key_stats import bind_preservation
+    from horse_pl.editing.shifts import applied
     from horse_pl.export import load_editor
+    from horse_pl.sequential.general import GeneralCheck
 
     editors = _editors(args)
-    requests, _ = load_requests(args.data or DATA[args.dataset], args.format, skip_invalid=True,
-                                limit=max(args.n))
+    requests, source = split_requests(args)
     if len(requests) < max(args.n):
-        raise SystemExit(f"error: {args.data or DATA[args.dataset]} has {len(requests)} valid requests, fewer "
-                         f"than N={max(args.n)}.")
-    report = {"date": date.today().isoformat(), "dataset": args.dataset, "data": str(args.data or DATA[args.dataset]),
-              "machine": machine(),
-              "command": "python benchmarks/edit_quality.py " + " ".join(sys.argv[1:]), "unedited": {},
-              "editors": {name: {"folder": str(folder)} for name, folder in editors.items()}}
-    ke = None
-    for position, (name, folder) in enumerate(editors.items()):
+        raise SystemExit(f"error: {source} has {len(requests)} valid requests, fewer than N={max(args.n)}.")
+    order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    report = {"kind": "edit_quality", "dataset": args.dataset, "split": args.split, "data": source,
+              "seed": args.seed, "unedited": {}, "editors": {}}
+    ke, general = None, None
+    for name, folder, overrides in editors:
         if ke is None:
-            ke = KnowledgeEditor.from_pretrained(folder, model=args.model, dtype=args.dtype, device=args.device)
+            ke = KnowledgeEditor.from_pretrained(folder, model=args.model, dtype=args.dtype, device=args.device,
+                                                 update_args=overrides, general_data=args.general_data)
+            if args.general:
+                general = GeneralCheck(ke.tokenizer, args.general_data, args.general_tasks, args.general_limit)
+                report["general_unedited"] = general.baseline(ke.model)
+                report["general_tasks"] = general.task_table()
         else:  # same base model: swap only the editor
-            editor, config = load_editor(folder)
+            editor, config = load_editor(folder, overrides)
             if config.base_fingerprint != ke.config.base_fingerprint:
                 raise SystemExit(f"error: the editor in {folder} was trained on another base model "
                                  f"('{config.base_model}') than the first editor; compare editors of one model.")
+            bind_preservation(editor, ke.model, ke.tokenizer, config.edit_modules, args.general_data)
             ke.editor, ke.config = editor.to(args.device), config
             ke.modules = get_modules(ke.model, config.edit_modules)
-        report["editors"][name]["config"] = {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "training")}
+        entry = report["editors"][name] = {
+            "folder": str(folder), "update_args": ke.config.update_args,
+            "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
         for n in args.n:
             start = time.perf_counter()
-            batch = ke.batches(requests[:n], args.batch_size)
-            result = edit_and_score(ke.editor, ke.model, ke.modules, batch, EVAL_VIEWS, score_before=position == 0)
-            after = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
-            report["editors"][name][str(n)] = after
-            if position == 0:
+            batch = ke.batches([requests[i] for i in order[:n]], args.batch_size)
+            timings: dict[str, float] = {}
+            result = edit_and_score(ke.editor, ke.model, ke.modules, batch, EVAL_VIEWS,
+                                    score_before=str(n) not in report["unedited"], timings=timings)
+            row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
+            row["edit_seconds"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve"))
+            row["peak_memory_mb"] = _peak_memory_mb(args.device)
+            if general is not None:
+                with applied(ke.modules, result.state.param_shifts):
+                    after = general.score(ke.model)
+                row["general"] = after
+                row["retention"] = general.retention(after)
+            entry[str(n)] = row
+            if result.values_before is not None:
                 report["unedited"][str(n)] = {k: float(v.mean()) for k, v in result.values_before.items()
                                               if k in SCORES and v.numel()}
-            print(f"{name:<13} N={n:>5}  " + "  ".join(f"{k} {after[k]:.3f}" for k in ("ES", "GS", "LS", "EM_edit")
-                                                        if k in after) + f"  ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+            shown = [k for k in ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "neighborhood") if k in row]
+            ppl = f"  ppl ret {row['retention']['perplexity']:.3f}" if "retention" in row else ""
+            print(f"{name:<14} N={n:>5}  " + "  ".join(f"{k} {row[k]:.3f}" for k in shown) + ppl
+                  + f"  (edit {row['edit_seconds']:.0f} s, all {time.perf_counter() - start:.0f} s)", flush=True)
     return report
 
 
 def plot(report: dict, path: Path) -> None:
-    fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.6))
-    for ax, score in zip(axes, ("ES", "GS", "LS")):
-        ns = sorted(int(n) for n in report["unedited"])
+    scores = [s for s in ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "neighborhood")
+              if any(s in row for row in report["unedited"].values())]
+    with_general = "general_unedited" in report
+    panels = scores + (["perplexity retention"] if with_general else [])
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    ns = sorted(int(n) for n in report["unedited"])
+    for ax, score in zip(axes[0], panels):
         for name, result in report["editors"].items():
-            ax.plot(ns, [result[str(n)].get(score, float("nan")) for n in ns], marker="o", label=name)
-        ax.plot(ns, [report["unedited"][str(n)].get(score, float("nan")) for n in ns], linestyle="--", color="gray",
-                label="unedited")
-        ax.set(xscale="log", xlabel="simultaneous edits N", title=score, ylim=(0, 1))
+            if score == "perplexity retention":
+                values = [result[str(n)]["retention"]["perplexity"] for n in ns]
+            else:
+                values = [result[str(n)].get(score, float("nan")) for n in ns]
+            ax.plot(ns, values, marker="o", label=name)
+        if score != "perplexity retention":
+            ax.plot(ns, [report["unedited"][str(n)].get(score, float("nan")) for n in ns], linestyle="--",
+                    color="gray", label="unedited")
+        ax.set(xscale="log", xlabel="simultaneous edits N", title=score, ylim=(0, 1.05))
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    save_figure(fig, path, f"{report['dataset']}: edit quality vs number of simultaneous edits ({report['date']})")
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path, f"{report['dataset']} ({report['split']}): edit quality vs simultaneous edits "
+                           f"({report['date'][:10]})")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATA), default="zsre")
-    p.add_argument("--data", help="evaluation file (default: the dataset's evaluation file in ../shared/data)")
+    p.add_argument("--split", choices=("eval", "dev"), default="eval",
+                   help="evaluation records, or the development split held out of the training file")
+    p.add_argument("--dev-size", type=int, default=1024, help="size of the development split (the recipes')")
+    p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
-    p.add_argument("--editors", nargs="*", help="NAME=FOLDER pairs (default: the recipes' exported editors)")
-    p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256],
-                   help="numbers of simultaneous edits (add 1024 for the full curve: about 8 more minutes per editor)")
+    p.add_argument("--editors", nargs="*",
+                   help="NAME=FOLDER[,preserve=MU][,ridge_per_row=C] (default: the recipes' exported editors)")
+    p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
+    p.add_argument("--general", action="store_true", help="score general-ability retention at every N")
+    p.add_argument("--general-data", default=str(SHARED / "general"))
+    p.add_argument("--general-tasks", nargs="*", default=["open_domain_qa"], help="tasks scored with --general")
+    p.add_argument("--general-limit", type=int, default=200, help="examples per general task")
     p.add_argument("--model", help="base model (default: the editors')")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/edit_quality_<dataset>.json)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/edit_quality_<dataset>_<split>.json)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    report = evaluate(args)
-    out = Path(args.out or f"benchmarks/results/edit_quality_{args.dataset}.json")
+    command = "python benchmarks/edit_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = {**provenance(command), **evaluate(args)}
+    out = Path(args.out or f"benchmarks/results/edit_quality_{args.dataset}_{args.split}.json")
     write_json(report, out)
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -51,11 +51,33 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
     assert set(report["unedited"]) == {"4", "8"} and set(report["editors"]) == {"a", "b"}
     # the same editor twice gives the same scores: nothing leaks from one editor's run into the next
     for n in ("4", "8"):
-        assert report["editors"]["a"][n] == report["editors"]["b"][n]
+        a, b = ({k: v for k, v in report["editors"][e][n].items() if k in quality.SCORES} for e in "ab")
+        assert a == b and a
         assert {"ES", "GS", "LS", "LS_agree", "EM_edit"} <= set(report["editors"]["a"][n])
     assert out.with_suffix(".png").exists()
     with pytest.raises(SystemExit, match="NAME=FOLDER"):
         quality.main(["--editors", folder, "--out", str(out)])
+    with pytest.raises(SystemExit, match="unknown editor option"):
+        quality.main(["--editors", f"a={folder},mu=3", "--out", str(out)])
+
+
+def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):  # noqa: F811
+    quality = _load("edit_quality")
+    out = tmp_path / "scale.json"
+    folder = str(editor_dir / "editor")
+    assert quality.main(["--dataset", "zsre", "--split", "dev", "--dev-size", "20", "--editors", f"plain={folder}",
+                         f"kept={folder},preserve=1e6", "--n", "4", "8", "--general", "--general-limit", "8",
+                         "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["split"] == "dev" and "development split" in report["data"]
+    assert report["editors"]["kept"]["update_args"]["preserve"] == 1e6
+    for n in ("4", "8"):
+        plain, kept = report["editors"]["plain"][n], report["editors"]["kept"][n]
+        assert plain["edit_seconds"] > 0 and plain["peak_memory_mb"] > 0
+        assert 0 < plain["retention"]["perplexity"] <= 2 and "open_domain_qa" in plain["general"]
+        # a huge preservation weight keeps the model where it was: perplexity and unrelated answers unchanged
+        assert abs(kept["retention"]["perplexity"] - 1) < abs(plain["retention"]["perplexity"] - 1) + 1e-6
+        assert kept["LS_agree"] >= plain["LS_agree"]
 
 
 def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, capsys):
