@@ -29,8 +29,14 @@ def write_atomic_dir(target: str | Path, write: Callable[[Path], None],
             if if_exists == "keep":
                 shutil.rmtree(tmp)
                 return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            # the old output is moved aside, not deleted, until the new one is in place: a crash in between
+            # leaves one of them whole (the old one at its hidden name beside the target)
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
