@@ -189,10 +189,13 @@ def _performance_section(records: dict[str, dict]) -> list[str]:
             out += [f"### Editing speed against the hardware floor: `{name}`", "",
                     f"`{r['command']}` — {_when(r)}. Floor = one forward + backward of the same prompts with "
                     "gradients only at the edited weights.", ""]
-            out += _table(["N", "capture", "predict", "solve", "edit total", "floor", "edit / floor", "edits/s"],
+            out += _table(["N", "capture", "predict", "solve", "edit total", "floor", "edit / floor", "edits/s",
+                           "peak MiB over the model (edit / floor)"],
                           [[str(x["n_edits"])] + [_f(x[k], 2) for k in ("capture", "predict", "solve", "total",
                                                                         "floor", "ratio")]
-                           + [_f(x["edits_per_second"], 1)] for x in r["results"]])
+                           + [_f(x["edits_per_second"], 1),
+                              f"{_f(x.get('edit_peak_memory_mb'), 0)} / {_f(x.get('floor_peak_memory_mb'), 0)}"]
+                           for x in r["results"]])
             if (ROOT / "docs" / "edit_speed.png").exists():
                 out += ["", "![edit speed](edit_speed.png)"]
             out.append("")

@@ -108,3 +108,9 @@ def test_inspect_reports_bad_file_without_traceback(tmp_path, capsys):
     assert main(["inspect", "--path", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_a_limit_below_one_is_refused():
+    for limit in (0, -1):
+        with pytest.raises(RecordError, match="positive number"):
+            load_requests(ZSRE_EVAL, "zsre", limit=limit)

@@ -257,6 +257,8 @@ def load_requests(
     """
     if dataset != "auto" and dataset not in FORMATS:
         raise RecordError(f"Unknown dataset format '{dataset}': use one of {FORMATS} or 'auto'.")
+    if limit is not None and limit < 1:
+        raise RecordError(f"limit={limit} keeps no record of '{path}'; give a positive number of records.")
     records = read_json_records(path)
     if not isinstance(records, list):
         raise RecordError(f"Data file '{path}' holds a JSON {type(records).__name__}; expected a list of records.")
@@ -276,8 +278,8 @@ def load_requests(
                     raise _Invalid(name, f"is needed here but the {fmt} record has none")
         except _Invalid as err:
             if not skip_invalid:
-                raise RecordError(f"{path}: record {index}: {err} (format '{fmt}'); fix the record or pass "
-                                  "skip_invalid to skip invalid records.") from None
+                raise RecordError(f"{path}: record {index}: {err} (format '{fmt}'); fix the record or skip invalid "
+                                  "records (edit.py --skip-invalid, recipes data.skip_invalid).") from None
             report.invalid[err.reason] += 1
             continue
         requests.append(request)
