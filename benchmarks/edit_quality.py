@@ -118,11 +118,14 @@ def evaluate(args) -> dict:
 
     editors = _editors(args)
     requests, source = split_requests(args)
+    unknown = sorted(set(args.views or ()) - set(EVAL_VIEWS))
+    if unknown:
+        raise SystemExit(f"error: unknown --views {unknown}; choose from {list(EVAL_VIEWS)}.")
     if len(requests) < max(args.n):
         raise SystemExit(f"error: {source} has {len(requests)} valid requests, fewer than N={max(args.n)}.")
     order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(args.seed)).tolist()
     report = {"kind": "edit_quality", "dataset": args.dataset, "split": args.split, "data": source,
-              "seed": args.seed, "unedited": {}, "editors": {}}
+              "seed": args.seed, "views": list(args.views or EVAL_VIEWS), "unedited": {}, "editors": {}}
     ke, general = None, None
     for name, folder, overrides in editors:
         if ke is None:
@@ -147,7 +150,7 @@ def evaluate(args) -> dict:
             start = time.perf_counter()
             batch = ke.batches([requests[i] for i in order[:n]], args.batch_size)
             timings: dict[str, float] = {}
-            result = edit_and_score(ke.editor, ke.model, ke.modules, batch, EVAL_VIEWS,
+            result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timings=timings)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve"))
@@ -206,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
                    help="NAME=FOLDER[,preserve=MU][,ridge_per_row=C] (default: the recipes' exported editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
+    p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "
+                                             "ES / GS / LS / LS_agree / EM at 3/7 of the scoring time)")
     p.add_argument("--general", action="store_true", help="score general-ability retention at every N")
     p.add_argument("--general-data", default=str(SHARED / "general"))
     p.add_argument("--general-tasks", nargs="*", default=["open_domain_qa"], help="tasks scored with --general")

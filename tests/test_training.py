@@ -154,3 +154,13 @@ def test_every_recipe_parses_and_builds_with_the_model_shrunk(config, tiny_llama
     assert run.datamodule.hparams.model == tiny_llama  # linked from model.model
     run.model.configure_model()
     assert run.model.editor.n_modules == 2
+    # last.ckpt (what README's export command reads) must hold the final step, not the last multiple of
+    # every_n_train_steps: a checkpoint with save_last fires at the final validation or at the final step
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = [cb for cb in run.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    steps, val_every = run.trainer.max_steps, run.trainer.val_check_interval
+    if checkpoints and steps > 0:
+        assert any(cb.save_last and ((cb.monitor and steps % val_every == 0) or
+                                     (cb._every_n_train_steps and steps % cb._every_n_train_steps == 0))
+                   for cb in checkpoints), f"{config.name}: last.ckpt would miss the final step {steps}"
