@@ -28,6 +28,7 @@ Writes a JSON record and a PNG plot (quality and retention against N, log x axis
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -82,18 +83,33 @@ def _editors(args) -> list[tuple[str, Path, dict]]:
 
 
 def split_requests(args) -> tuple[list, str]:
-    """The requests of ``--split`` and a description of where they come from."""
+    """The requests of ``--split`` and a description of where they come from (paths relative to the checkout)."""
     from horse_pl.data.records import hold_out_dev, load_requests
+
+    def shown(path) -> str:
+        return os.path.relpath(path, ROOT) if Path(path).is_absolute() else str(path)
 
     eval_path, train_path = DATA[args.dataset]
     if args.split == "eval":
         path = args.data or eval_path
         requests, _ = load_requests(path, args.format, skip_invalid=True)
-        return requests, f"{path} (evaluation records)"
+        return requests, f"{shown(path)} (evaluation records)"
     path = args.data or train_path
     requests, report = load_requests(path, args.format, skip_invalid=True, require=("rephrase", "locality_prompt"))
     _, _, dev, _ = hold_out_dev(requests, report, args.dev_size)
-    return dev, f"{path} (development split: its last {args.dev_size} valid records)"
+    return dev, f"{shown(path)} (development split: its last {args.dev_size} valid records)"
+
+
+def residual_fit(state) -> list[float]:
+    """Per edit module, the share of the spread residuals' energy the solved shift reproduces on its own keys,
+    ``1 - ||K dW - R~||^2 / ||R~||^2`` (1: every edit's residual is met; it falls once the answer-token rows
+    outnumber the key features the module has)."""
+    out = []
+    for keys, residuals, shift in zip(state.update_keys, state.spread_residuals, state.param_shifts):
+        residuals = residuals.double()
+        miss = keys.double() @ shift.detach().double() - residuals
+        out.append(float(1 - (miss ** 2).sum() / (residuals ** 2).sum().clamp_min(1e-30)))
+    return out
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -154,6 +170,8 @@ def evaluate(args) -> dict:
                                     score_before=str(n) not in report["unedited"], timings=timings)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve"))
+            row["answer_rows"] = int(result.state.update_keys[0].shape[0])
+            row["residual_fit"] = residual_fit(result.state)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)
             if general is not None:
                 with applied(ke.modules, result.state.param_shifts):

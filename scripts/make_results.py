@@ -72,6 +72,10 @@ def _order(name: str) -> tuple:
     return (GLANCE.index(name) if name in GLANCE else len(GLANCE), name)
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def _step(record: dict) -> str:
     seconds = record.get("step_seconds", {}).get("step")
     return f"{seconds['mean']:.1f} s" if seconds else ""
@@ -130,21 +134,25 @@ def _scale_section(name: str, r: dict) -> list[str]:
     ns = sorted(int(n) for n in r["unedited"])
     keys = [k for k in SCALE if any(k in row for row in r["unedited"].values())]
     has_general = "general_unedited" in r
-    header = ["N", "editor"] + keys + (["ppl retention", "QA retention"] if has_general else []) + ["edit s",
-                                                                                                  "peak MiB"]
+    header = ["N", "editor"] + keys + (["ppl retention", "QA retention"] if has_general else []) + [
+        "rows", "residual fit", "edit s", "peak MiB"]
     rows = []
     for n in ns:
         rows.append([str(n), "unedited"] + [_f(r["unedited"][str(n)].get(k)) for k in keys]
-                    + (["1", "1"] if has_general else []) + ["", ""])
+                    + (["1", "1"] if has_general else []) + ["", "", "", ""])
         for editor, result in r["editors"].items():
             row = result[str(n)]
             retention = row.get("retention", {})
             rows.append([str(n), editor] + [_f(row.get(k)) for k in keys]
                         + ([_f(retention.get("perplexity")), _f(retention.get("open_domain_qa"))] if has_general
-                           else []) + [_f(row.get("edit_seconds"), 1), _f(row.get("peak_memory_mb"), 0)])
-    out += _table(header, rows) + [""]
+                           else [])
+                        + [_f(row.get("answer_rows")), _f(_mean(row.get("residual_fit")), 2),
+                           _f(row.get("edit_seconds"), 1), _f(row.get("peak_memory_mb"), 0)])
+    out += _table(header, rows) + ["", "*rows*: answer-token rows in the solve (per edit module); *residual fit*: "
+                                   "mean over edit modules of 1 - ||K dW - R~||^2 / ||R~||^2.", ""]
     for editor, result in r["editors"].items():
-        args = ", ".join(f"{k}={v}" for k, v in sorted(result.get("update_args", {}).items()) if v)
+        args = ", ".join(f"{k}={v}" for k, v in sorted(result.get("update_args", {}).items())
+                         if v and (k, v) != ("form", "auto"))
         out.append(f"- `{editor}`: `{result['folder']}`" + (f" with {args}" if args else ""))
     if (RECORDS / f"{name}.png").exists():
         out += ["", f"![{name}](results/{name}.png)"]
