@@ -25,9 +25,9 @@ ZSRE = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "par
         "portability")
 SCALE = ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "paraphrase", "neighborhood", "portability")
 # the shipped recipes in the glance table, in this order (records named after them)
-GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse_reference_smollm2_zsre",
-          "malmen_smollm2_zsre", "horse_smollm2_counterfact", "horse_reference_smollm2_counterfact",
-          "malmen_smollm2_counterfact")
+GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse_smollm2_zsre_preserve",
+          "horse_reference_smollm2_zsre", "malmen_smollm2_zsre", "horse_smollm2_counterfact",
+          "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact")
 
 
 def load_records(folder: Path = RECORDS) -> dict[str, dict]:
@@ -49,7 +49,9 @@ def _f(value, digits: int = 3) -> str:
 
 
 def _when(record: dict) -> str:
-    origin = "transcribed" if record.get("provenance") == "transcribed" else "recorded"
+    provenance = record.get("provenance") or "recorded"
+    origin = "from its TensorBoard log" if provenance.startswith("from the run's TensorBoard") else (
+        "transcribed" if provenance == "transcribed" else "recorded")
     return f"{str(record.get('date', ''))[:10]} `{str(record.get('commit') or '?')[:7]}` ({origin})"
 
 
@@ -63,7 +65,7 @@ def _protocol(record: dict) -> str:
         return record["protocol"]
     data = record.get("data", {})
     split = "development split (held out of training)" if data.get("val_split") == "dev" else "eval records"
-    order = "random" if data.get("val_shuffle") else "file order"
+    order = "random order" if data.get("val_shuffle") else "file order"
     return f"first {data.get('val_limit')} {split}, edit batches of {data.get('val_n_edits') or data.get('n_edits')} " \
            f"in {order}"
 
@@ -88,7 +90,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def glance(records: dict[str, dict]) -> str:
     header = ["recipe", "ES", "GS", "LS", "LS_agree", "efficacy", "paraphrase", "neighbourhood (unedited)",
-              "step", "released ES / GS / LS", "run"]
+              "step", "released ES / GS / LS", "scored on", "run"]
     rows = []
     for name in GLANCE:
         if name not in records:
@@ -100,10 +102,11 @@ def glance(records: dict[str, dict]) -> str:
                                                                       "paraphrase")]
                     + [f"{_f(neighbourhood)} ({_f(m.get('val/unedited_neighborhood'))})" if neighbourhood else "",
                        _step(r), " / ".join(_f(released.get(k)) for k in ("ES", "GS", "LS")) if released else "",
-                       _when(r)])
+                       "dev split" if "development" in _protocol(r) else "eval records", _when(r)])
     lines = _table(header, rows)
-    lines += ["", "Teacher-forced ES/GS/LS at 128 edits per batch on the evaluation records; full tables, the "
-              "scale curves and the performance records in [docs/results.md](docs/results.md)."]
+    lines += ["", "Teacher-forced ES/GS/LS at 128 edits per batch (on the evaluation records, or on the development "
+              "split held out of training where a recipe tunes on it); full tables, 1,024 edits at once, and the "
+              "performance records in [docs/results.md](docs/results.md)."]
     return "\n".join(lines)
 
 
@@ -112,9 +115,12 @@ def _fit_section(title: str, records: list[tuple[str, dict]]) -> list[str]:
         return []
     keys = [k for k in ZSRE if any(f"val/{k}" in r["metrics"] for _, r in records)]
     out = [f"### {title}", ""]
-    first = records[0][1]
-    rows = [["unedited model"] + [_f(first["metrics"].get(f"val/unedited_{k}")) for k in keys] + ["", "", ""]]
+    rows, shown = [], []
     for name, r in records:
+        unedited = [_f(r["metrics"].get(f"val/unedited_{k}")) for k in keys]
+        if unedited not in shown:  # records scored on other requests get their own unedited row
+            shown.append(unedited)
+            rows.append(["unedited model"] + unedited + ["", _protocol(r), ""])
         rows.append([f"`{name}`"] + [_f(r["metrics"].get(f"val/{k}")) for k in keys]
                     + [_step(r), _protocol(r), _when(r)])
     released = next((r["released"] for _, r in records if r.get("released")), None)
