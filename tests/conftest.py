@@ -90,3 +90,13 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> str:
     return tiny_models["llama"]
+
+
+def pipeline_grads(editor, cap, meta_loss) -> dict:
+    """Hypernetwork gradients of ``meta_loss(shifts)`` through the editor's own path: shifts without graph,
+    ``G_W`` from the loss, the chunked backward (compared against autograd through the solve by the tests)."""
+    state = editor.param_shifts(cap, requires_grad=True)
+    state.param_shifts = [s.double().detach().requires_grad_(True) for s in state.param_shifts]
+    meta_loss(state.param_shifts).backward()
+    editor.backward(cap, state, [s.grad for s in state.param_shifts])
+    return {name: p.grad for name, p in editor.named_parameters() if p.grad is not None}

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import pipeline_grads
 from torch import nn
 
 from horse_pl.editing.capture import Capture
@@ -123,12 +124,7 @@ def test_chunked_surrogate_gradient_equals_autograd(spread_cls, update_cls, lear
     expected = {name: p.grad.clone() for name, p in ref.named_parameters() if p.grad is not None}
 
     # (b) our path: shifts without graph, G_W from the loss, chunked backward
-    ours = _toy_editor(spread_cls(), update_cls(), learn_lambda, chunk_size=chunk_size)
-    state = ours.param_shifts(cap, requires_grad=True)
-    state.param_shifts = [s.double().detach().requires_grad_(True) for s in state.param_shifts]
-    meta_loss(state.param_shifts).backward()
-    ours.backward(cap, state, [s.grad for s in state.param_shifts])
-    got = {name: p.grad for name, p in ours.named_parameters() if p.grad is not None}
+    got = pipeline_grads(_toy_editor(spread_cls(), update_cls(), learn_lambda, chunk_size=chunk_size), cap, meta_loss)
 
     assert set(got) == set(expected)
     if learn_lambda:

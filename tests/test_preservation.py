@@ -5,6 +5,7 @@ moments against a plain computation, and their cache."""
 import numpy as np
 import pytest
 import torch
+from conftest import pipeline_grads
 
 from horse_pl.editing.capture import Capture
 from horse_pl.editing.editor import Editor
@@ -85,11 +86,7 @@ def test_preserving_solve_gradient_equals_autograd(learn_lambda):
     expected = {name: p.grad.clone() for name, p in ref.named_parameters() if p.grad is not None}
 
     ours = make()
-    state = ours.param_shifts(cap, requires_grad=True)
-    state.param_shifts = [s.double().detach().requires_grad_(True) for s in state.param_shifts]
-    meta_loss(state.param_shifts).backward()
-    ours.backward(cap, state, [s.grad for s in state.param_shifts])
-    got = {name: p.grad for name, p in ours.named_parameters() if p.grad is not None}
+    got = pipeline_grads(ours, cap, meta_loss)
     assert set(got) == set(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-9, msg=name)
