@@ -70,6 +70,12 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         if model_fingerprint(model) != config.base_fingerprint:
             raise EditorLoadError(f"The editor '{cfg.editor}' was trained on '{config.base_model}', not on "
                                   f"'{cfg.model}'; pass the editor's base model with --model.")
+        from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
+        from horse_pl.models import load_tokenizer
+
+        # an editor trained with a preservation term needs its key moments on the unedited model
+        bind_preservation(editor, model, load_tokenizer(cfg.model) if editor.update.needs_key_moments else None,
+                          config.edit_modules, cfg.general_data or DEFAULT_GENERAL_DATA)
         return HorseTurnEditor(model, editor.to(cfg.device), config.edit_modules)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
