@@ -18,14 +18,11 @@ from pathlib import Path
 from horse_pl.api import KnowledgeEditor, apply_delta
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, load_requests
 from horse_pl.data.tokenize import TokenizationError
+from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.export import EditorLoadError
 from horse_pl.io import write_atomic_dir
 from horse_pl.models import load_model
-from horse_pl.sequential.general import GeneralCheck
-
-GENERAL_DATA = "../shared/data/general"
-# batch edits score the tasks the sequential runner scores, QA first (it alone is above chance for small models)
-EDIT_GENERAL_TASKS = ("open_domain_qa", "sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
+from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck
 
 USER_ERRORS = (RecordError, TokenizationError, EditorLoadError, FileExistsError, FileNotFoundError,
                ModuleNotFoundError, ValueError)
@@ -62,7 +59,7 @@ def run_edit(args: argparse.Namespace) -> None:
               file=sys.stderr)
     update_args = {k: v for k, v in (("preserve", args.preserve), ("ridge_per_row", args.ridge_per_row))
                    if v is not None}
-    general_data = GENERAL_DATA if args.general_data is None else args.general_data
+    general_data = DEFAULT_GENERAL_DATA if args.general_data is None else args.general_data
     ke = KnowledgeEditor.from_pretrained(args.editor, model=args.model, dtype=args.dtype, device=args.device,
                                          update_args=update_args, general_data=general_data)
     general = None
@@ -70,7 +67,7 @@ def run_edit(args: argparse.Namespace) -> None:
         if not general_data:
             raise EditorLoadError("--general needs --general-data (the folder with glue_eval/ and "
                                   "model_editing_hurt/).")
-        general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or EDIT_GENERAL_TASKS,
+        general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general)
     _print_table(edit_report["summary"])

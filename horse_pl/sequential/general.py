@@ -189,6 +189,10 @@ def retention(before: dict[str, float], after: dict[str, float], kept: Sequence[
     return out
 
 
+# every task the checks know, QA first (it alone is clearly above chance for SmolLM2-135M)
+DEFAULT_TASKS = ("open_domain_qa", "sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
+
+
 class GeneralCheck:
     """General abilities of one model before and after editing: score the unedited model once (which also
     decides which tasks are clearly above chance), then any edited model against it as retention.

@@ -20,10 +20,11 @@ import torch
 from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
 from horse_pl.data.records import EditRequest
 from horse_pl.edit_modules import resolve_edit_modules
+from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
 from horse_pl.models import load_model
 from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
-from horse_pl.sequential.general import GeneralCheck
+from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck
 
 log = logging.getLogger(__name__)
 METHODS = ("mose", "ft", "horse")
@@ -44,8 +45,8 @@ class SequentialConfig:
     radius_scale: float = 1e-5
     norm_constraint: float | None = 5e-4
     editor: str | None = None  # exported HORSE editor, for the ``horse`` method
-    general_data: str | None = "../shared/data/general"
-    general_tasks: Sequence[str] = ("open_domain_qa", "sst2", "sentiment_analysis", "cola", "mrpc", "nli", "mmlu")
+    general_data: str | None = DEFAULT_GENERAL_DATA
+    general_tasks: Sequence[str] = DEFAULT_TASKS
     general_limit: int | None = 200
     batch_size: int = 32
     max_length: int = 256
@@ -70,7 +71,7 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         if model_fingerprint(model) != config.base_fingerprint:
             raise EditorLoadError(f"The editor '{cfg.editor}' was trained on '{config.base_model}', not on "
                                   f"'{cfg.model}'; pass the editor's base model with --model.")
-        from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
+        from horse_pl.editing.key_stats import bind_preservation
         from horse_pl.models import load_tokenizer
 
         # an editor trained with a preservation term needs its key moments on the unedited model
