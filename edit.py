@@ -15,17 +15,29 @@ import sys
 import time
 from pathlib import Path
 
-from horse_pl.api import KnowledgeEditor, apply_delta
-from horse_pl.data.records import FORMATS, RecordError, file_sha256, load_requests
+from horse_pl.api import KnowledgeEditor, apply_delta, read_delta
+from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, load_requests
 from horse_pl.data.tokenize import TokenizationError
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.export import EditorLoadError
-from horse_pl.io import write_atomic_dir
+from horse_pl.io import OutputError, check_writable, write_atomic_dir, write_atomic_file
 from horse_pl.models import load_model
 from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck
 
 USER_ERRORS = (RecordError, TokenizationError, EditorLoadError, FileExistsError, FileNotFoundError,
-               ModuleNotFoundError, ValueError)
+               ModuleNotFoundError, ValueError, OutputError)
+
+
+def _check_out(out: Path, overwrite: bool, is_file: bool) -> None:
+    """Refuse an --out that exists (without --overwrite), has the wrong kind, or cannot be written: before any work."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    if is_file and out.is_dir():
+        raise OutputError(f"--out '{out}' is a folder, but --delta writes a file; give a file path such as "
+                          f"'{out / 'edits.delta.safetensors'}'.")
+    if not is_file and out.exists() and not out.is_dir():
+        raise OutputError(f"--out '{out}' is a file, but an edited model is a folder; choose another --out.")
+    check_writable(out)
 
 
 def _print_table(summary: dict) -> None:
@@ -46,17 +58,24 @@ def _print_general(general: dict) -> None:
         print(f"(not above chance for the unedited model, left out: {', '.join(dropped)})")
 
 
+def _note_conflicts(requests) -> None:
+    duplicates, conflicts = find_conflicts(requests)
+    if duplicates:
+        print(f"note: {duplicates} duplicate requests (same prompt and target) are edited as given", file=sys.stderr)
+    if conflicts:
+        prompt, targets = next(iter(conflicts.items()))
+        print(f"warning: {len(conflicts)} prompts have requests with different targets (e.g. {prompt!r} -> "
+              f"{' / '.join(map(repr, targets))}); at most one target of each can hold after the edit: keep one "
+              "request per prompt", file=sys.stderr)
+
+
 def run_edit(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    _check_out(out, args.overwrite, is_file=args.delta)
     requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid, limit=args.limit)
     if report.n_invalid:
         print(f"skipped invalid requests: {report.summary()}", file=sys.stderr)
-    unique = {(r.prompt, r.target) for r in requests}
-    if len(unique) < len(requests):
-        print(f"note: {len(requests) - len(unique)} duplicate requests (same prompt and target) are edited as given",
-              file=sys.stderr)
+    _note_conflicts(requests)
     update_args = {k: v for k, v in (("preserve", args.preserve), ("ridge_per_row", args.ridge_per_row))
                    if v is not None}
     general_data = DEFAULT_GENERAL_DATA if args.general_data is None else args.general_data
@@ -78,8 +97,8 @@ def run_edit(args: argparse.Namespace) -> None:
     edit_report["requests_file"] = {"path": str(args.requests), "sha256": file_sha256(args.requests)}
     if args.delta:
         ke.save_delta(shifts, out, edit_report["requests_file"]["sha256"], overwrite=args.overwrite)
-        report_path = out.with_name(out.name + ".edit_report.json")
-        report_path.write_text(json.dumps(edit_report, indent=2))
+        write_atomic_file(out.with_name(out.name + ".edit_report.json"),
+                          lambda tmp: tmp.write_text(json.dumps(edit_report, indent=2)), overwrite=True)
     else:
         def write(folder: Path) -> None:
             ke.model.save_pretrained(folder, safe_serialization=True)
@@ -93,8 +112,9 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def run_delta(args: argparse.Namespace, sign: float) -> None:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    _check_out(out, args.overwrite, is_file=False)
+    for delta in args.delta:
+        read_delta(delta)  # a missing or damaged delta file is reported before the model is loaded
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     for delta in (args.delta if sign > 0 else list(reversed(args.delta))):
         apply_delta(model, delta, sign=sign)

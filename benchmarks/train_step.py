@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -83,8 +84,9 @@ def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
 
     args = ["--config", config, *extra, "--trainer.max_steps", str(warmup + steps), "--trainer.limit_val_batches", "0",
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    built = cli(args, run=False)
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", tempfile.mkdtemp(prefix="horse_pl-train_step-")]  # never a user's run folder
+    built = cli(args, run=False, save_config=False)
     recorder = _recorder(warmup)
     built.trainer.callbacks.append(recorder)
     built.model.configure_model()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -19,17 +20,27 @@ from safetensors.torch import load_file, save_file
 
 from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
 from horse_pl.data.records import EditRequest, RecordError
-from horse_pl.edit_modules import get_modules, resolve_edit_modules
+from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
 from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
-from horse_pl.editing.shifts import applied, merge
+from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
 from horse_pl.export import EditorLoadError, load_editor
-from horse_pl.io import write_atomic_dir
+from horse_pl.io import write_atomic_dir, write_atomic_file
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
 from horse_pl.sequential.general import GeneralCheck
 
 DELTA_FORMAT = "horse_pl-delta"
+RESTORE_INDEX, RESTORE_VALUE = "{}::restore_index", "{}::restore_value"
+
+
+def weights_sha256(weights: Sequence[torch.Tensor]) -> str:
+    """sha256 of every bit of these (d_in, d_out) weights: the exact check a delta makes before it is applied or
+    reverted (the model fingerprint only samples the weights)."""
+    digest = hashlib.sha256()
+    for weight in weights:
+        digest.update(weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class KnowledgeEditor:
@@ -47,6 +58,7 @@ class KnowledgeEditor:
         self.modules = get_modules(model, config.edit_modules)
         self.timings: dict[str, float] = {}
         self.fingerprints: tuple[str | None, str | None] = (None, None)  # (before, after) the last merge
+        self._originals: list[torch.Tensor] | None = None  # edit modules' weights before the last merge
 
     @classmethod
     def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
@@ -94,6 +106,7 @@ class KnowledgeEditor:
         if merge_shifts:
             start = time.perf_counter()
             self.fingerprints = (model_fingerprint(self.model), None)
+            self._originals = [weight_in_out(m).detach().clone() for m in self.modules]
             merge(self.modules, result.state.param_shifts)
             self.fingerprints = (self.fingerprints[0], model_fingerprint(self.model))
             self.timings["merge"] = time.perf_counter() - start
@@ -138,40 +151,68 @@ class KnowledgeEditor:
 
     def save_delta(self, shifts: Sequence[torch.Tensor], out: str | Path, requests_sha256: str = "",
                    overwrite: bool = False) -> Path:
-        """Write only the merged shifts of the edit modules (safetensors, with provenance metadata)."""
-        out = Path(out)
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"'{out}' already exists; choose another path or pass --overwrite.")
-        tensors = {name: s.detach().cpu().contiguous() for name, s in zip(self.config.edit_modules, shifts)}
-        if self.fingerprints[1] is None:
+        """Write only the merged shifts of the edit modules (safetensors, with provenance metadata), and the
+        original values of the few entries where subtracting a shift would not restore them bit for bit."""
+        if self.fingerprints[1] is None or self._originals is None:
             raise RuntimeError("save_delta needs edit(..., merge_shifts=True) first.")
+        tensors = {}
+        for name, shift, module, original in zip(self.config.edit_modules, shifts, self.modules, self._originals):
+            tensors[name] = shift.detach().cpu().contiguous()
+            index, values = restore_entries(original, weight_in_out(module).detach(), shift.detach())
+            tensors[RESTORE_INDEX.format(name)] = index.cpu()
+            tensors[RESTORE_VALUE.format(name)] = values.cpu()
         meta = {"format": DELTA_FORMAT, "base_model": self.model_name, "base_fingerprint": self.fingerprints[0],
                 "result_fingerprint": self.fingerprints[1],
+                "base_weights_sha256": weights_sha256(self._originals),
+                "result_weights_sha256": weights_sha256([weight_in_out(m) for m in self.modules]),
                 "modules": json.dumps(self.config.edit_modules), "dtype": str(next(self.model.parameters()).dtype),
                 "orientation": "d_in x d_out", "requests_sha256": requests_sha256}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(out)
-        return out
+        return write_atomic_file(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
+
+
+def read_delta(delta_path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A delta file's metadata and tensors; one-sentence errors for a missing, foreign or damaged file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(delta_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Delta file '{path}' does not exist{' (it is a folder)' if path.is_dir() else ''}; "
+                                "give the file that 'edit.py --delta' wrote.")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise EditorLoadError(f"'{path}' is not a readable safetensors file ({_first_line(err)}); give the file "
+                              "that 'edit.py --delta' wrote.") from None
+    if meta.get("format") != DELTA_FORMAT:
+        raise EditorLoadError(f"'{path}' is not a horse_pl delta file; write one with 'edit.py --delta'.")
+    return meta, tensors
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def apply_delta(model: torch.nn.Module, delta_path: str | Path, sign: float = 1.0) -> dict:
-    """Add (``sign=1``) or remove (``sign=-1``) a delta file's shifts in place; refuse another base model."""
-    from safetensors import safe_open
-
-    with safe_open(str(delta_path), "pt") as handle:
-        meta = handle.metadata() or {}
-    if meta.get("format") != DELTA_FORMAT:
-        raise EditorLoadError(f"'{delta_path}' is not a horse_pl delta file; write one with 'edit.py --delta'.")
+    """Add (``sign=1``) or remove (``sign=-1``) a delta file's shifts in place; refuse any model but the one the
+    delta was made from (apply) or produced (revert). Reverting restores the weights bit for bit."""
+    meta, tensors = read_delta(delta_path)
+    names = json.loads(meta["modules"])
+    modules = get_modules(model, names)
     fingerprint = model_fingerprint(model)
     expected = meta["base_fingerprint"] if sign > 0 else meta["result_fingerprint"]
-    if fingerprint != expected:
+    exact = meta.get("base_weights_sha256" if sign > 0 else "result_weights_sha256")
+    if fingerprint != expected or (exact and weights_sha256([weight_in_out(m) for m in modules]) != exact):
         what = "applied to the model it was made from" if sign > 0 else "reverted from the model it produced"
+        found = f"fingerprint is {fingerprint}" if fingerprint != expected else "edit modules' weights differ from it"
         raise EditorLoadError(f"The delta '{delta_path}' can only be {what} (fingerprint {expected}; made from "
-                              f"'{meta['base_model']}'), but this model's fingerprint is {fingerprint}; "
-                              "apply deltas in order and revert them in reverse order.")
-    tensors = load_file(str(delta_path))
-    names = json.loads(meta["modules"])
-    merge(get_modules(model, names), [tensors[n] for n in names], sign=sign)
+                              f"'{meta['base_model']}'), but this model's {found}; apply deltas in order and revert "
+                              "them in reverse order.")
+    shifts = [tensors[n] for n in names]
+    restores = [(tensors.get(RESTORE_INDEX.format(n)), tensors.get(RESTORE_VALUE.format(n))) for n in names]
+    if sign < 0 and all(index is not None for index, _ in restores):
+        revert_exactly(modules, shifts, restores)
+    else:  # apply, or a delta written before exact reverts (its revert is within float rounding)
+        merge(modules, shifts, sign=sign)
     return meta

@@ -10,11 +10,12 @@ import argparse
 import importlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from horse_pl.editing.editor import Editor
@@ -91,6 +92,37 @@ def save_editor(editor: Editor, config: EditorConfig, out: str | Path, overwrite
     return Path(out)
 
 
+_JSON_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float), "list": (list,), "dict": (dict,)}
+
+
+def _read_config(config_path: Path) -> EditorConfig:
+    """``config.json`` as an :class:`EditorConfig`, with one sentence naming the file and field when it is wrong."""
+    fix = "export the editor again with 'python train.py export'"
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EditorLoadError(f"'{config_path}' is not valid JSON ({err}); {fix}.") from None
+    if not isinstance(raw, dict):
+        raise EditorLoadError(f"'{config_path}' holds a JSON {type(raw).__name__}, not an object of editor settings; "
+                              f"{fix}.")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise EditorLoadError(f"'{config_path}' has format_version {raw.get('format_version')}, this horse_pl reads "
+                              f"{FORMAT_VERSION}; {fix} with this version.")
+    known = {f.name: f for f in fields(EditorConfig)}
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing, extra = [n for n in required if n not in raw], sorted(set(raw) - set(known))
+    if missing or extra:
+        what = "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                           f"unknown {extra}" if extra else "") if part)
+        raise EditorLoadError(f"'{config_path}' does not have the editor fields ({what}); {fix}.")
+    for name, value in raw.items():
+        expected = _JSON_TYPES[str(known[name].type).split("[")[0]]
+        if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
+            raise EditorLoadError(f"'{config_path}' field '{name}' is {type(value).__name__} {value!r:.40}, not "
+                                  f"{str(known[name].type)}; {fix}.")
+    return EditorConfig(**raw)
+
+
 def load_editor(folder: str | Path, update_args: dict | None = None) -> tuple[Editor, EditorConfig]:
     """Load an exported editor folder (no checkpoint, trainer or pickle needed); ``update_args`` override the
     update stage's saved options (and are recorded in the returned config)."""
@@ -99,15 +131,22 @@ def load_editor(folder: str | Path, update_args: dict | None = None) -> tuple[Ed
     if not config_path.is_file() or not weights_path.is_file():
         raise EditorLoadError(f"'{folder}' is not an exported editor (needs config.json and model.safetensors); "
                               "create one with 'python train.py export'.")
-    raw = json.loads(config_path.read_text())
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise EditorLoadError(f"'{config_path}' has format_version {raw.get('format_version')}, this horse_pl reads "
-                              f"{FORMAT_VERSION}; export the editor again with this version.")
-    config = EditorConfig(**raw)
+    config = _read_config(config_path)
     if update_args:
         config.update_args = {**config.update_args, **update_args}
     editor = build_editor(config)
-    editor.load_state_dict(load_file(str(weights_path)))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise EditorLoadError(f"'{weights_path}' is not a readable safetensors file "
+                              f"({(str(err).splitlines() or ['damaged'])[0][:120]}); it is truncated or of another "
+                              "kind: export the editor again with 'python train.py export'.") from None
+    try:
+        editor.load_state_dict(state)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))[:160]
+        raise EditorLoadError(f"'{weights_path}' does not fit the editor that '{config_path}' describes ({first}); "
+                              "keep the two files of one export together, or export the editor again.") from None
     editor.eval()
     return editor, config
 
@@ -147,11 +186,25 @@ def config_from_checkpoint(checkpoint: dict) -> EditorConfig:
     )
 
 
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A Lightning checkpoint's contents (tensors and plain data only: nothing in it is executed), or one sentence
+    saying why it cannot be read."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise EditorLoadError(f"Checkpoint '{path}' does not exist{' (it is a folder)' if path.is_dir() else ''}; "
+                              "pass a .ckpt file from checkpoints/.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise EditorLoadError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}: {first}); it is truncated, "
+                              "not a Lightning checkpoint, or holds Python objects beyond tensors: use another .ckpt "
+                              "(e.g. an earlier one in the same folder).") from None
+
+
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Turn a training checkpoint into an editor folder."""
-    if not Path(ckpt_path).is_file():
-        raise EditorLoadError(f"Checkpoint '{ckpt_path}' does not exist; pass a .ckpt file from checkpoints/.")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(ckpt_path)
     config = config_from_checkpoint(checkpoint)
     editor = build_editor(config)
     prefix = "editor."

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from horse_pl.callbacks import SaveLastOnSigterm
 from horse_pl.data.datamodule import EVAL_VIEWS, shard_batch
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
 from horse_pl.editing.editor import Editor, EditState
@@ -201,6 +202,10 @@ class EditorModule(L.LightningModule):
         return {"gen_loss": gen_total, "loc_loss": loc_total}
 
     # --------------------------------------------------------------- training
+    def configure_callbacks(self):
+        """A pre-empted run (SIGTERM) saves last.ckpt after its running step."""
+        return [SaveLastOnSigterm()]
+
     def on_train_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -100,3 +100,52 @@ def pipeline_grads(editor, cap, meta_loss) -> dict:
     meta_loss(state.param_shifts).backward()
     editor.backward(cap, state, [s.grad for s in state.param_shifts])
     return {name: p.grad for name, p in editor.named_parameters() if p.grad is not None}
+
+
+def train_args(model: str, root: Path, steps: int, method: str = "horse", **extra) -> list[str]:
+    """train.py arguments for a few steps on a tiny model and 300 zsRE records (``method``: a preset)."""
+    args = [
+        "--seed_everything", "0",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.max_steps", str(steps), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2",
+        "--trainer.val_check_interval", str(steps), "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.default_root_dir", str(root),
+        "--model.model", model, "--model.edit_modules", "last:2", "--model.rank", "8", "--model.lr", "1e-3",
+        "--model.meta_lr", "1e-3",
+        "--data.train_path", small_zsre()[0], "--data.val_path", small_zsre()[1], "--data.dataset", "zsre",
+        "--data.n_edits", "8", "--data.batch_size", "4", "--data.val_limit", "16", "--data.max_length", "1024",
+    ]
+    if method == "malmen":
+        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.learn_lambda", "true",
+                 "--model.locality", "kl"]
+    elif method == "mend":
+        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.update",
+                 "horse_pl.editing.update.OuterProductUpdate", "--model.positions", "all", "--model.locality", "kl"]
+    elif method == "reference":
+        args += ["--model.spread", "horse_pl.editing.spread.ReferenceSpread"]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def checkpoint_every_step(folder: Path) -> list[str]:
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath", str(folder), "--trainer.callbacks.save_last", "true",
+            "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+
+
+@pytest.fixture(scope="session")
+def editor_dir(tiny_llama, tmp_path_factory) -> Path:
+    """A tiny HORSE editor trained for 3 steps and exported once per session: ROOT/editor (exported folder),
+    ROOT/ckpt/last.ckpt (its checkpoint)."""
+    from horse_pl.cli import cli
+    from horse_pl.export import main as export_main
+
+    root = tmp_path_factory.mktemp("editor")
+    # the spread given explicitly, as a recipe does: the checkpoint then stores it as a class_path dict
+    explicit = {"trainer.limit_val_batches": 0, "model.spread": "horse_pl.editing.spread.GramSchmidtSpread"}
+    cli(["fit"] + train_args(tiny_llama, root / "run", steps=3, **explicit) + checkpoint_every_step(root / "ckpt"))
+    assert export_main(["--ckpt_path", str(root / "ckpt" / "last.ckpt"), "--out", str(root / "editor")]) == 0
+    return root

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from conftest import small_zsre
-from test_edit import editor_dir  # noqa: F401  (module fixture: a tiny exported HORSE editor)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +40,7 @@ def test_edit_speed_splits_the_edit_time_and_measures_the_floor(tiny_llama, tmp_
     assert "time_growth_exponent" in report and out.with_suffix(".png").stat().st_size > 1000
 
 
-def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys):  # noqa: F811
+def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys):
     quality = _load("edit_quality")
     out = tmp_path / "quality.json"
     folder = str(editor_dir / "editor")
@@ -61,7 +60,7 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
         quality.main(["--editors", f"a={folder},mu=3", "--out", str(out)])
 
 
-def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):  # noqa: F811
+def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):
     quality = _load("edit_quality")
     out = tmp_path / "scale.json"
     folder = str(editor_dir / "editor")

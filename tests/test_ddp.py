@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import _args, _checkpoint_every_step
+from conftest import checkpoint_every_step, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fit(model: str, root: Path, devices: int, method: str, steps: int = 1, extra_args=()) -> tuple[dict, dict]:
     extra = {"trainer.devices": devices, "data.n_edits": 8, "data.batch_size": 2, "data.val_limit": 8,
              "trainer.limit_val_batches": 1, "trainer.strategy": "ddp" if devices > 1 else "auto"}
-    args = _args(model, root, steps=steps, method=method, **extra) + _checkpoint_every_step(root / "ckpt")
+    args = train_args(model, root, steps=steps, method=method, **extra) + checkpoint_every_step(root / "ckpt")
     args[args.index("--trainer.logger") + 1] = "lightning.pytorch.loggers.CSVLogger"
     args += ["--trainer.logger.save_dir", str(root / "logs"), *extra_args]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -6,27 +6,14 @@ import json
 import pytest
 import torch
 from conftest import ZSRE_EVAL
-from test_training import _args, _checkpoint_every_step
 
 from horse_pl.api import KnowledgeEditor, apply_delta
-from horse_pl.cli import cli
 from horse_pl.data.records import load_requests
 from horse_pl.export import load_editor
 from horse_pl.export import main as export_main
 from horse_pl.models import load_model
 
 edit_main = pytest.importorskip("edit").main
-
-
-@pytest.fixture(scope="module")
-def editor_dir(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("editor")
-    # the spread given explicitly, as a recipe does: the checkpoint then stores it as a class_path dict
-    explicit = {"trainer.limit_val_batches": 0, "model.spread": "horse_pl.editing.spread.GramSchmidtSpread"}
-    cli(["fit"] + _args(tiny_llama, root / "run", steps=3, **explicit)
-        + _checkpoint_every_step(root / "ckpt"))
-    assert export_main(["--ckpt_path", str(root / "ckpt" / "last.ckpt"), "--out", str(root / "editor")]) == 0
-    return root
 
 
 def _sha(path):
@@ -122,9 +109,45 @@ def test_edit_cli_delta_apply_revert_and_stack(editor_dir, tiny_llama, tmp_path,
     apply_delta(model, delta, sign=-1.0)
     base, _ = load_model(tiny_llama)
     for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)  # fp32: revert within float rounding
+        assert torch.equal(a, b), name  # bit for bit, not within float rounding
+    apply_delta(model, delta)  # the restored model is the base again: the delta applies once more
     assert edit_main(["revert-delta", "--model", str(tmp_path / "m1"), "--delta", str(delta),
                       "--out", str(tmp_path / "restored")]) == 0
+    restored, _ = load_model(str(tmp_path / "restored"))
+    for (name, a), b in zip(restored.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert oct((delta.stat().st_mode) & 0o777) != oct(0o600)  # readable like any other output file
+    # a revert that is not exact leaves a model that is not the base: a delta refuses it
+    nudged, _ = load_model(tiny_llama)
+    from horse_pl.edit_modules import get_modules, weight_in_out
+
+    with torch.no_grad():
+        weight_in_out(get_modules(nudged, ke_modules(editor_dir))[0])[0, 0] += 1e-7
+    with pytest.raises(Exception, match="weights differ"):
+        apply_delta(nudged, delta)
+
+
+def ke_modules(editor_dir):
+    return load_editor(editor_dir / "editor")[1].edit_modules
+
+
+def test_revert_is_bit_exact_on_the_embedded_model():
+    """Subtracting a merged fp32 shift does not give the weights back (rounding); the delta's restore entries do."""
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
+    from horse_pl.editing.shifts import merge, restore_entries, revert_exactly
+
+    model, _ = load_model("embedded:smollm2-135m")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = get_modules(model, resolve_edit_modules(model, "last:6"))
+    torch.manual_seed(0)
+    shifts = [torch.randn(weight_in_out(m).shape) * 3e-3 for m in modules]
+    originals = [weight_in_out(m).detach().clone() for m in modules]
+    merge(modules, shifts)
+    restores = [restore_entries(o, weight_in_out(m).detach(), s) for o, m, s in zip(originals, modules, shifts)]
+    assert all(len(index) > 0 for index, _ in restores)  # plain subtraction would miss these entries
+    revert_exactly(modules, shifts, restores)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_bad_requests_file_and_missing_editor(editor_dir, tmp_path, capsys):

@@ -120,7 +120,7 @@ def test_key_moments_equal_a_plain_computation_and_are_cached(tiny_llama, tmp_pa
 
 
 def test_preserving_editor_trains_exports_and_edits(tiny_llama, tmp_path, monkeypatch):
-    from test_training import _args
+    from conftest import train_args
 
     from horse_pl.api import KnowledgeEditor
     from horse_pl.cli import cli
@@ -131,7 +131,7 @@ def test_preserving_editor_trains_exports_and_edits(tiny_llama, tmp_path, monkey
     update = '{"class_path": "horse_pl.editing.update.ClosedFormUpdate", "init_args": {"preserve": 100.0}}'
     ckpt = ["--trainer.callbacks+", "lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath",
             str(tmp_path / "ckpt"), "--trainer.callbacks.save_last", "true"]
-    run = cli(["fit"] + _args(tiny_llama, tmp_path / "run", steps=2, **{"model.update": update}) + ckpt)
+    run = cli(["fit"] + train_args(tiny_llama, tmp_path / "run", steps=2, **{"model.update": update}) + ckpt)
     assert run.model.editor.key_moments is not None  # bound from the base model when the module was built
     assert list((tmp_path / "cache" / "key_stats").glob("*.safetensors"))
     export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "editor")

@@ -4,7 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from test_training import _args
+from conftest import train_args
 
 from horse_pl.cli import cli
 
@@ -42,8 +42,9 @@ def test_recorder_writes_fit_and_validate_records(tiny_llama, tmp_path):
                 "--trainer.callbacks.recipe", "configs/quickstart.yaml", "--trainer.callbacks.name", "tiny"]
     ckpt = ["--trainer.callbacks+", "lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath",
             str(root / "ckpt"), "--trainer.callbacks.save_last", "true"]
-    cli(["fit"] + _args(tiny_llama, root, steps=2) + recorder + ckpt)
-    cli(["validate"] + _args(tiny_llama, root, steps=2) + recorder + ["--ckpt_path", str(root / "ckpt" / "last.ckpt")])
+    cli(["fit"] + train_args(tiny_llama, root, steps=2) + recorder + ckpt)
+    cli(["validate"] + train_args(tiny_llama, root, steps=2) + recorder
+        + ["--ckpt_path", str(root / "ckpt" / "last.ckpt")])
     paths = sorted(root.glob("tiny-*.json"))
     kinds = {json.loads(p.read_text())["kind"]: json.loads(p.read_text()) for p in paths}
     assert set(kinds) == {"fit", "validate"}

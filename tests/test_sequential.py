@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CF_EVAL
-from test_edit import editor_dir  # noqa: F401  (module fixture: a tiny exported HORSE editor)
 
 from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
 from horse_pl.data.records import load_requests
@@ -94,7 +93,7 @@ def test_finetune_is_additive_and_constrained_per_request(tiny_llama):
     assert all(d > 0 for d in stability(ft.weights(), ft.original)["drift"])
 
 
-def test_horse_turns_merge_each_turns_shifts(editor_dir, tiny_llama):  # noqa: F811
+def test_horse_turns_merge_each_turns_shifts(editor_dir, tiny_llama):
     from horse_pl.export import load_editor
 
     model, tok = load_model(tiny_llama)
@@ -132,7 +131,7 @@ def test_runner_scores_after_post_on_the_final_model(tiny_llama, tmp_path):
     assert json.loads((tmp_path / "sequential_report.json").read_text())["n_requests"] == 5
 
 
-def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, capsys):  # noqa: F811
+def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, capsys):
     out = tmp_path / "seq"
     args = ["--sequential", "--method", "mose", "ft", "horse", "--editor", str(editor_dir / "editor"),
             "--model", tiny_llama, "--requests", str(CF_EVAL), "--limit", "3", "--edit-modules", "layers:2-3",

@@ -4,40 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_zsre
+from conftest import checkpoint_every_step, small_zsre, train_args
 
 from horse_pl.cli import cli, main
 
 # train.py recipes; configs/mose_*.yaml are edit.py --sequential recipes (parsed in test_sequential.py)
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                  if not p.name.startswith("mose_"))
-
-
-def _args(model: str, root: Path, steps: int, method: str = "horse", **extra) -> list[str]:
-    args = [
-        "--seed_everything", "0",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.max_steps", str(steps), "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2",
-        "--trainer.val_check_interval", str(steps), "--trainer.check_val_every_n_epoch", "null",
-        "--trainer.default_root_dir", str(root),
-        "--model.model", model, "--model.edit_modules", "last:2", "--model.rank", "8", "--model.lr", "1e-3",
-        "--model.meta_lr", "1e-3",
-        "--data.train_path", small_zsre()[0], "--data.val_path", small_zsre()[1], "--data.dataset", "zsre",
-        "--data.n_edits", "8", "--data.batch_size", "4", "--data.val_limit", "16", "--data.max_length", "1024",
-    ]
-    if method == "malmen":
-        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.learn_lambda", "true",
-                 "--model.locality", "kl"]
-    elif method == "mend":
-        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.update",
-                 "horse_pl.editing.update.OuterProductUpdate", "--model.positions", "all", "--model.locality", "kl"]
-    elif method == "reference":
-        args += ["--model.spread", "horse_pl.editing.spread.ReferenceSpread"]
-    for key, value in extra.items():
-        args += [f"--{key}", str(value)]
-    return args
 
 
 def _params(module) -> dict[str, torch.Tensor]:
@@ -52,7 +25,7 @@ def _assert_same_params(got_module, expected_module) -> None:
 
 @pytest.mark.parametrize("method", ["horse", "reference", "malmen", "mend"])
 def test_fit_then_validate_runs_every_method(tiny_llama, tmp_path, method):
-    run = cli(["fit"] + _args(tiny_llama, tmp_path, steps=2, method=method))
+    run = cli(["fit"] + train_args(tiny_llama, tmp_path, steps=2, method=method))
     module = run.model
     assert run.trainer.global_step == 2
     metrics = run.trainer.callback_metrics
@@ -73,11 +46,11 @@ def test_fit_then_validate_runs_every_method(tiny_llama, tmp_path, method):
 def test_validate_and_test_from_a_checkpoint_reproduce_the_fit_validation(tiny_llama, tmp_path):
     """``train.py validate/test --ckpt_path`` edit under gradients (Lightning evaluates in inference mode by
     default) and, with the normaliser frozen outside training, give exactly the scores of fit's validation."""
-    fit = cli(["fit"] + _args(tiny_llama, tmp_path, steps=2) + _checkpoint_every_step(tmp_path / "ckpt"))
+    fit = cli(["fit"] + train_args(tiny_llama, tmp_path, steps=2) + checkpoint_every_step(tmp_path / "ckpt"))
     fitted = {k: float(v) for k, v in fit.trainer.callback_metrics.items() if k.startswith("val/")}
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     for command, prefix in (("validate", "val/"), ("test", "test/")):
-        run = cli([command] + _args(tiny_llama, tmp_path / command, steps=2, **{"data.test_path": small_zsre()[1],
+        run = cli([command] + train_args(tiny_llama, tmp_path / command, steps=2, **{"data.test_path": small_zsre()[1],
                                                                               "trainer.limit_test_batches": 2})
                   + ["--ckpt_path", ckpt])
         got = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith(prefix)}
@@ -85,19 +58,15 @@ def test_validate_and_test_from_a_checkpoint_reproduce_the_fit_validation(tiny_l
             assert got[prefix + name] == pytest.approx(fitted["val/" + name], abs=1e-6), (command, name)
 
 
-def _checkpoint_every_step(folder: Path) -> list[str]:
-    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.dirpath", str(folder), "--trainer.callbacks.save_last", "true",
-            "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
 
 
 def test_resume_continues_exactly(tiny_llama, tmp_path, recwarn):
-    every_step = _checkpoint_every_step(tmp_path / "a")
-    straight = cli(["fit"] + _args(tiny_llama, tmp_path / "s", steps=4, **{"trainer.limit_val_batches": 0}))
-    cli(["fit"] + _args(tiny_llama, tmp_path / "a", steps=2, **{"trainer.limit_val_batches": 0}) + every_step)
+    every_step = checkpoint_every_step(tmp_path / "a")
+    straight = cli(["fit"] + train_args(tiny_llama, tmp_path / "s", steps=4, **{"trainer.limit_val_batches": 0}))
+    cli(["fit"] + train_args(tiny_llama, tmp_path / "a", steps=2, **{"trainer.limit_val_batches": 0}) + every_step)
     # the checkpoint holds the state after the optimiser step (exactly what resuming needs): no warning about it
     assert not [w for w in recwarn if "pre-optimization state" in str(w.message) or "in eval mode" in str(w.message)]
-    resumed = cli(["fit"] + _args(tiny_llama, tmp_path / "b", steps=4, **{"trainer.limit_val_batches": 0})
+    resumed = cli(["fit"] + train_args(tiny_llama, tmp_path / "b", steps=4, **{"trainer.limit_val_batches": 0})
                   + ["--ckpt_path", str(tmp_path / "a" / "last.ckpt")])
     assert resumed.trainer.global_step == 4
     _assert_same_params(resumed.model, straight.model)
@@ -107,15 +76,15 @@ def test_cosine_meta_lr_schedule_decays_and_resumes_exactly(tiny_llama, tmp_path
     """The cosine schedule reaches its floor at max_steps, and its state travels in the checkpoint: resuming
     from the step-2 checkpoint of a 4-step run ends with the parameters of the uninterrupted run."""
     cosine = {"trainer.limit_val_batches": 0, "model.meta_lr_schedule": "cosine", "model.min_meta_lr_ratio": 0.1}
-    every_step = _checkpoint_every_step(tmp_path / "s")
-    straight = cli(["fit"] + _args(tiny_llama, tmp_path / "s", steps=4, **cosine) + every_step)
+    every_step = checkpoint_every_step(tmp_path / "s")
+    straight = cli(["fit"] + train_args(tiny_llama, tmp_path / "s", steps=4, **cosine) + every_step)
     optimizer = straight.trainer.optimizers[0]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # 1e-3 * 0.1 after the 4th step
     step2 = next((tmp_path / "s").glob("*step=2*.ckpt"))
-    resumed = cli(["fit"] + _args(tiny_llama, tmp_path / "b", steps=4, **cosine) + ["--ckpt_path", str(step2)])
+    resumed = cli(["fit"] + train_args(tiny_llama, tmp_path / "b", steps=4, **cosine) + ["--ckpt_path", str(step2)])
     assert resumed.trainer.global_step == 4
     _assert_same_params(resumed.model, straight.model)
-    constant = cli(["fit"] + _args(tiny_llama, tmp_path / "c", steps=4, **{"trainer.limit_val_batches": 0}))
+    constant = cli(["fit"] + train_args(tiny_llama, tmp_path / "c", steps=4, **{"trainer.limit_val_batches": 0}))
     expected = _params(straight.model)
     assert any(not torch.equal(_params(constant.model)[k], expected[k]) for k in expected)
 
@@ -126,18 +95,18 @@ def test_resume_onto_another_base_model_is_refused(tmp_path, capsys):
     from conftest import build_tiny_model
 
     folder = build_tiny_model("llama", tmp_path / "base", seed=0)
-    cli(["fit"] + _args(str(folder), tmp_path / "a", steps=1, **{"trainer.limit_val_batches": 0})
-        + _checkpoint_every_step(tmp_path / "a"))
+    cli(["fit"] + train_args(str(folder), tmp_path / "a", steps=1, **{"trainer.limit_val_batches": 0})
+        + checkpoint_every_step(tmp_path / "a"))
     build_tiny_model("llama", folder, seed=7)  # same name, other weights
     with pytest.raises(SystemExit):
-        main(["fit"] + _args(str(folder), tmp_path / "b", steps=2, **{"trainer.limit_val_batches": 0})
+        main(["fit"] + train_args(str(folder), tmp_path / "b", steps=2, **{"trainer.limit_val_batches": 0})
              + ["--ckpt_path", str(tmp_path / "a" / "last.ckpt")])
     err = capsys.readouterr().err
     assert "error: This checkpoint was trained on base model" in err and "Traceback" not in err
 
 
 def test_bad_data_path_is_one_sentence(tiny_llama, tmp_path, capsys):
-    args = _args(tiny_llama, tmp_path, steps=1)
+    args = train_args(tiny_llama, tmp_path, steps=1)
     args[args.index("--data.train_path") + 1] = str(tmp_path / "missing.json")
     with pytest.raises(SystemExit):
         main(["fit"] + args)

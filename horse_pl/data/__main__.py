@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from horse_pl.data.datamodule import EVAL_VIEWS, tokenize_requests
-from horse_pl.data.records import FORMATS, RecordError, load_requests
+from horse_pl.data.records import FORMATS, RecordError, find_conflicts, load_requests
 from horse_pl.data.tokenize import IGNORE_INDEX, TokenizationError
 from horse_pl.models import DEFAULT_MODEL, load_tokenizer
 
@@ -22,9 +22,14 @@ def inspect(path: str, dataset: str, model: str, max_length: int, n_examples: in
     tokenizer = load_tokenizer(model)
     table = tokenize_requests(tokenizer, requests, EVAL_VIEWS, max_length, where=f"{path}: record",
                               record_ids=report.kept)
-    lines = [f"file: {path}", f"format: {dataset}", f"records: {report.n_records}",
+    detected = f" (detected: {report.format})" if dataset == "auto" else ""
+    lines = [f"file: {path}", f"format: {dataset}{detected}", f"records: {report.n_records}",
              f"valid: {len(requests)}", f"invalid: {report.n_invalid}"]
     lines += [f"  {n} x {why}" for why, n in report.invalid.most_common()]
+    duplicates, conflicts = find_conflicts(requests)
+    lines.append(f"duplicates (same prompt and target): {duplicates}")
+    lines.append(f"conflicts (one prompt, different targets; at most one can hold): {len(conflicts)}")
+    lines += [f"  {prompt!r} -> {' / '.join(map(repr, targets))}" for prompt, targets in list(conflicts.items())[:3]]
     lines.append(f"token lengths (prompt + answer, {model}):")
     for view in EVAL_VIEWS:
         lengths = [len(ids) + 1 for ids in table[f"{view}_input_ids"] if ids]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ class LoadReport:
 
     path: str
     n_records: int = 0
+    format: str = ""
     kept: list[int] = field(default_factory=list)  # file index of each valid record
     invalid: Counter = field(default_factory=Counter)
 
@@ -62,18 +64,19 @@ def read_json_records(path: str | Path) -> list[Any]:
     """Read a JSON array or JSONL file (optionally gzip-compressed), or a Hugging Face dataset id, into records."""
     path = Path(path)
     if not path.exists() and _looks_like_hub_id(str(path)):
-        import datasets
-
-        return datasets.load_dataset(str(path), split="train").to_list()
+        return _hub_records(str(path))
+    if path.is_dir():
+        raise RecordError(f"Data path '{path}' is a folder; give one JSON or JSONL(.gz) file inside it.")
     if not path.is_file():
         raise RecordError(f"Data file '{path}' does not exist; check the path (shared data lives in ../shared/data).")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecordError(f"Data file '{path}' cannot be read as UTF-8 text ({err}); "
-                          "pass a JSON or JSONL file.") from None
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
+        kind = "gzip-compressed UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
+        raise RecordError(f"Data file '{path}' cannot be read as {kind} ({type(err).__name__}: {err}); it is "
+                          "truncated or of another kind: pass a JSON or JSONL file (optionally .gz).") from None
     stripped = text.lstrip()
     if not stripped:
         raise RecordError(f"Data file '{path}' is empty; it needs a JSON list of records or one JSON record per line.")
@@ -94,6 +97,18 @@ def read_json_records(path: str | Path) -> list[Any]:
             raise RecordError(f"Data file '{path}' line {line_no} is not valid JSON ({err.msg}); "
                               "expected a JSON list or one JSON object per line.") from None
     return records
+
+
+def _hub_records(name: str) -> list[Any]:
+    """A Hugging Face dataset's train split as records (needs the hub, or the dataset in the local cache)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train").to_list()
+    except (ConnectionError, OSError, ValueError) as err:  # offline, unknown id, no train split...
+        raise RecordError(f"'{name}' is neither a file here nor a Hugging Face dataset that can be loaded "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); check "
+                          "the path, or download the dataset to a JSON file where the hub is reachable.") from None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -201,7 +216,8 @@ def _knowedit(r: dict) -> EditRequest:
     else:
         prompt, target, subject = _text(r, "prompt"), _text(r, "target_new"), _text(r, "subject", False)
     return EditRequest(
-        prompt=prompt, target=target, rephrase=_text(r, "rephrase", False),
+        prompt=prompt, target=target,
+        rephrase=_text(r, "rephrase", False) or _text(r, "rephrase_prompt", False),  # zsRE files: rephrase_prompt
         locality_prompt=loc_prompt, locality_answer=loc_answer, ground_truth=_first_text(r.get("ground_truth")),
         portability_prompt=port_prompt, portability_answer=port_answer, subject=subject,
     )
@@ -224,18 +240,21 @@ _READERS: dict[str, Callable[[dict], EditRequest]] = {
 }
 
 
-def detect_format(record: Any) -> str:
-    """Guess the layout from the first record's keys."""
-    if isinstance(record, dict):
-        if "src" in record and "alt" in record:
-            return "zsre"
-        if "requested_rewrite" in record or "rephrase_prompt" in record or "locality_ground_truth" in record:
-            return "counterfact"
-        if "target_new" in record or ("text" in record and "labels" in record):
-            return "knowedit"
-        if "target" in record:
-            return "requests"
-    return "requests"
+def detect_format(records: Any, sample: int = 50) -> str:
+    """The layout that reads the most of the first ``sample`` records: for each layout, the fields its reader keeps
+    summed over the records it accepts. Shape decides, not single keys, so a record two layouts could read goes to
+    the one that keeps more of it (a KnowEdit zsRE record, with ``rephrase_prompt`` beside a ``locality`` dict,
+    is KnowEdit, not simplified CounterFact); ties go to the first of :data:`FORMATS`."""
+    records = records if isinstance(records, list) else [records]
+    scores = dict.fromkeys(FORMATS, 0)
+    for record in [r for r in records if isinstance(r, dict)][:sample]:
+        for fmt, reader in _READERS.items():
+            try:
+                request = reader(record)
+            except (_Invalid, AttributeError, TypeError):
+                continue
+            scores[fmt] += 1000 + sum(value is not None for value in asdict(request).values())
+    return max(FORMATS, key=lambda fmt: scores[fmt]) if any(scores.values()) else "requests"
 
 
 def load_requests(
@@ -264,9 +283,9 @@ def load_requests(
         raise RecordError(f"Data file '{path}' holds a JSON {type(records).__name__}; expected a list of records.")
     if limit is not None:
         records = records[:limit]
-    fmt = detect_format(records[0] if records else None) if dataset == "auto" else dataset
+    fmt = detect_format(records) if dataset == "auto" else dataset
     reader = _READERS[fmt]
-    report = LoadReport(str(path), n_records=len(records))
+    report = LoadReport(str(path), n_records=len(records), format=fmt)
     requests = []
     for index, record in enumerate(records):
         try:
@@ -298,6 +317,20 @@ def hold_out_dev(requests: list[EditRequest], report: LoadReport, dev_size: int)
                           f"'{report.path}'; choose a smaller dev_size.")
     cut = len(requests) - dev_size
     return requests[:cut], report.kept[:cut], requests[cut:], report.kept[cut:]
+
+
+def find_conflicts(requests: list[EditRequest]) -> tuple[int, dict[str, list[str]]]:
+    """(number of exact duplicates, {prompt: its different targets}) of a set of requests: at most one target per
+    prompt can hold after one edit."""
+    targets: dict[str, list[str]] = {}
+    duplicates = 0
+    for request in requests:
+        seen = targets.setdefault(request.prompt, [])
+        if request.target in seen:
+            duplicates += 1
+        else:
+            seen.append(request.target)
+    return duplicates, {prompt: found for prompt, found in targets.items() if len(found) > 1}
 
 
 def request_to_dict(request: EditRequest) -> dict:

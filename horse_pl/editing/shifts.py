@@ -46,9 +46,33 @@ def applied(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor]):
         yield
 
 
+def merged_weight(weight: torch.Tensor, shift: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """``weight + sign * shift`` computed in fp32 and rounded to the weight's dtype: what :func:`merge` writes."""
+    return (weight.to(torch.float32) + sign * shift.to(torch.float32)).to(weight.dtype)
+
+
 @torch.no_grad()
 def merge(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor], sign: float = 1.0) -> None:
     """Add (``sign=1``) or subtract (``sign=-1``) the shifts into the modules' weights, in their dtype."""
     for module, shift in zip(modules, shifts):
         view = weight_in_out(module)
-        view.copy_((view.to(torch.float32) + sign * shift.to(torch.float32)).to(view.dtype))
+        view.copy_(merged_weight(view, shift, sign))
+
+
+@torch.no_grad()
+def restore_entries(original: torch.Tensor, merged: torch.Tensor,
+                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where subtracting ``shift`` from ``merged`` does not give ``original`` back bit for bit (rounding), the
+    flat (d_in x d_out) indices and the original values: what an exact revert needs beside the shift."""
+    wrong = (merged_weight(merged, shift, -1.0) != original).reshape(-1).nonzero().squeeze(1)
+    return wrong, original.reshape(-1)[wrong].clone()
+
+
+@torch.no_grad()
+def revert_exactly(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor],
+                   restores: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Subtract the shifts and put back the entries that rounding would leave off (:func:`restore_entries`)."""
+    merge(modules, shifts, sign=-1.0)
+    for module, (index, values) in zip(modules, restores):
+        view = weight_in_out(module)
+        view[index // view.shape[1], index % view.shape[1]] = values.to(view.dtype)
