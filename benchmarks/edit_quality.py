@@ -15,8 +15,9 @@ model's (retention = after / before). Edit time (capture to solve) and peak memo
 
 ``--split eval`` (default) reads the evaluation file; ``--split dev`` the last ``--dev-size`` valid
 records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
-on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,ridge_per_row=C`` overriding its
-update stage (the same editor, another solve). The default editors are the exported recipes:
+on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,ridge_per_row=C`` /
+``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the same editor, another
+solve). The default editors are the exported recipes:
 
     gram_schmidt  editors/horse_smollm2_{dataset}            configs/horse_smollm2_{dataset}.yaml
     reference     editors/horse_reference_smollm2_{dataset}  configs/horse_reference_smollm2_{dataset}.yaml
@@ -46,14 +47,15 @@ DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zs
 RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smollm2_{}", "none": "malmen_smollm2_{}"}
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
-UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float}
+UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "update": str}
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
-    """``NAME=FOLDER[,preserve=MU][,ridge_per_row=C]`` -> (name, folder, update-stage overrides)."""
+    """``NAME=FOLDER[,preserve=MU][,ridge_per_row=C][,update=STAGE]`` -> (name, folder, update-stage overrides)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise SystemExit(f"error: --editors takes NAME=FOLDER[,preserve=MU][,ridge_per_row=C], not '{spec}'.")
+        raise SystemExit(f"error: --editors takes NAME=FOLDER[,preserve=MU][,ridge_per_row=C][,update=STAGE], "
+                         f"not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -100,16 +102,11 @@ def split_requests(args) -> tuple[list, str]:
     return dev, f"{shown(path)} (development split: its last {args.dev_size} valid records)"
 
 
-def residual_fit(state) -> list[float]:
-    """Per edit module, the share of the spread residuals' energy the solved shift reproduces on its own keys,
-    ``1 - ||K dW - R~||^2 / ||R~||^2`` (1: every edit's residual is met; it falls once the answer-token rows
-    outnumber the key features the module has)."""
-    out = []
-    for keys, residuals, shift in zip(state.update_keys, state.spread_residuals, state.param_shifts):
-        residuals = residuals.double()
-        miss = keys.double() @ shift.detach().double() - residuals
-        out.append(float(1 - (miss ** 2).sum() / (residuals ** 2).sum().clamp_min(1e-30)))
-    return out
+def residual_fit(update, state) -> list[float]:
+    """Per edit module (one number for a joint solve), the share of the spread residuals' energy the solved shifts
+    reproduce on their own keys (1: every edit's residual is met; it falls once the answer-token rows outnumber
+    the key features there are)."""
+    return update.fit(state.update_keys, state.spread_residuals, state.param_shifts)
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -145,14 +142,17 @@ def evaluate(args) -> dict:
     ke, general = None, None
     for name, folder, overrides in editors:
         if ke is None:
+            stage = {k: v for k, v in overrides.items() if k != "update"}
             ke = KnowledgeEditor.from_pretrained(folder, model=args.model, dtype=args.dtype, device=args.device,
-                                                 update_args=overrides, general_data=args.general_data)
+                                                 update_args=stage, general_data=args.general_data,
+                                                 update=overrides.get("update"))
             if args.general:
                 general = GeneralCheck(ke.tokenizer, args.general_data, args.general_tasks, args.general_limit)
                 report["general_unedited"] = general.baseline(ke.model)
                 report["general_tasks"] = general.task_table()
         else:  # same base model: swap only the editor
-            editor, config = load_editor(folder, overrides)
+            editor, config = load_editor(folder, {k: v for k, v in overrides.items() if k != "update"},
+                                         overrides.get("update"))
             if config.base_fingerprint != ke.config.base_fingerprint:
                 raise SystemExit(f"error: the editor in {folder} was trained on another base model "
                                  f"('{config.base_model}') than the first editor; compare editors of one model.")
@@ -160,7 +160,7 @@ def evaluate(args) -> dict:
             ke.editor, ke.config = editor.to(args.device), config
             ke.modules = get_modules(ke.model, config.edit_modules)
         entry = report["editors"][name] = {
-            "folder": str(folder), "update_args": ke.config.update_args,
+            "folder": str(folder), "update": ke.config.update, "update_args": ke.config.update_args,
             "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
         for n in args.n:
             start = time.perf_counter()
@@ -171,7 +171,7 @@ def evaluate(args) -> dict:
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve"))
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
-            row["residual_fit"] = residual_fit(result.state)
+            row["residual_fit"] = residual_fit(ke.editor.update, result.state)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)
             if general is not None:
                 with applied(ke.modules, result.state.param_shifts):
@@ -224,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
-                   help="NAME=FOLDER[,preserve=MU][,ridge_per_row=C] (default: the recipes' exported editors)")
+                   help="NAME=FOLDER[,preserve=MU][,ridge_per_row=C][,update=STAGE] (default: the recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

@@ -63,11 +63,12 @@ class KnowledgeEditor:
     @classmethod
     def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
                         device: str = "cpu", update_args: dict | None = None,
-                        general_data: str = DEFAULT_GENERAL_DATA) -> KnowledgeEditor:
+                        general_data: str = DEFAULT_GENERAL_DATA, update: str | None = None) -> KnowledgeEditor:
         """Load an exported editor and its base model. ``update_args`` override the update stage's saved options
-        (e.g. ``{"preserve": 1e4}``); ``general_data`` holds the texts of a preservation term's key moments."""
+        (e.g. ``{"preserve": 1e4}``), ``update`` the stage (e.g. ``"joint_closed_form"``); ``general_data`` holds
+        the texts of a preservation term's key moments."""
         start = time.perf_counter()
-        editor, config = load_editor(editor_dir, update_args)
+        editor, config = load_editor(editor_dir, update_args, update)
         name = model or config.base_model
         lm, tokenizer = load_model(name, dtype=dtype, device=device)
         resolve_edit_modules(lm, config.edit_modules)  # clear error if a module is missing

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -20,12 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from horse_pl.editing.editor import Editor
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
-from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
+from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
 from horse_pl.io import write_atomic_dir
 from horse_pl.models import parse_dtype
 
 SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
-UPDATES: dict[str, type[ParamShiftUpdate]] = {c.name: c for c in (ClosedFormUpdate, OuterProductUpdate)}
+UPDATES: dict[str, type[ParamShiftUpdate]] = {c.name: c for c in (ClosedFormUpdate, JointClosedFormUpdate,
+                                                                   OuterProductUpdate)}
 FORMAT_VERSION = 1
 
 
@@ -123,15 +125,22 @@ def _read_config(config_path: Path) -> EditorConfig:
     return EditorConfig(**raw)
 
 
-def load_editor(folder: str | Path, update_args: dict | None = None) -> tuple[Editor, EditorConfig]:
+def load_editor(folder: str | Path, update_args: dict | None = None,
+                update: str | None = None) -> tuple[Editor, EditorConfig]:
     """Load an exported editor folder (no checkpoint, trainer or pickle needed); ``update_args`` override the
-    update stage's saved options (and are recorded in the returned config)."""
+    update stage's saved options and ``update`` (a name in :data:`UPDATES`) the stage itself, keeping the saved
+    options it accepts (both are recorded in the returned config)."""
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise EditorLoadError(f"'{folder}' is not an exported editor (needs config.json and model.safetensors); "
                               "create one with 'python train.py export'.")
     config = _read_config(config_path)
+    if update and update != config.update:
+        if update not in UPDATES:
+            raise EditorLoadError(f"Unknown update stage '{update}'; use one of {sorted(UPDATES)}.")
+        accepted = inspect.signature(UPDATES[update]).parameters
+        config.update, config.update_args = update, {k: v for k, v in config.update_args.items() if k in accepted}
     if update_args:
         config.update_args = {**config.update_args, **update_args}
     editor = build_editor(config)

@@ -91,6 +91,9 @@ class Editor(nn.Module):
         state_dict.setdefault(prefix + "micro_batch_rows", torch.zeros((), dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def log_lambdas(self) -> list[torch.Tensor]:
+        return [self.hypernet.log_lambda(p) for p in range(self.n_modules)]
+
     @property
     def n_modules(self) -> int:
         return len(self.hypernet.shapes)
@@ -149,14 +152,9 @@ class Editor(nn.Module):
         clock("predict")
         spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
         clock("spread")
-        shifts = []
-        moments = self.key_moments or [None] * self.n_modules
-        factors = [self.update.factor(update_keys[p], self.hypernet.log_lambda(p), all_reduce, moments[p])
-                   for p in range(self.n_modules)]
-        for position in range(self.n_modules):
-            shift = self.update.param_shift(update_keys[position], spread_residuals[position],
-                                            self.hypernet.log_lambda(position), all_reduce, factors[position])
-            shifts.append(shift.detach().requires_grad_(requires_grad))
+        solved, factors = self.update.solve(update_keys, spread_residuals, self.log_lambdas(), all_reduce,
+                                            self.key_moments)
+        shifts = [shift.detach().requires_grad_(requires_grad) for shift in solved]
         clock("solve")
         diagnostics = {}
         before, after = layer_cosines(residuals, all_reduce), layer_cosines(spread_residuals, all_reduce)
@@ -177,15 +175,12 @@ class Editor(nn.Module):
         Under DDP each process backpropagates its own rows; the parameter gradients are then summed
         across processes (``all_reduce``), and the lambda gradient, already global, is added once.
         """
-        d_spread, d_keys, d_lambda = [], [], []
-        for position in range(self.n_modules):
-            grads = self.update.shift_grads(state.update_keys[position], state.spread_residuals[position],
-                                            self.hypernet.log_lambda(position), state.param_shifts[position].detach(),
-                                            shift_grads[position], all_reduce,
-                                            state.factors[position] if state.factors else None)
-            d_spread.append(grads.residuals)
-            d_keys.append(grads.update_keys)
-            d_lambda.append(grads.log_lambda)
+        grads = self.update.solve_grads(state.update_keys, state.spread_residuals, self.log_lambdas(),
+                                        [s.detach() for s in state.param_shifts], shift_grads, all_reduce,
+                                        state.factors)
+        d_spread = [g.residuals for g in grads]
+        d_keys = [g.update_keys for g in grads]
+        d_lambda = [g.log_lambda for g in grads]
         # Through the spread: autograd on the full residual tensors (N x d_out per layer, small).
         leaves = [r.detach().requires_grad_(True) for r in state.residuals]
         with torch.enable_grad():

@@ -21,6 +21,7 @@ in row chunks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,34 @@ class ParamShiftUpdate:
     def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad,
                     all_reduce: AllReduce = _identity, factor=None) -> ShiftGrads:
         raise NotImplementedError
+
+    def solve(self, update_keys: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor],
+              log_lambdas: Sequence[torch.Tensor], all_reduce: AllReduce = _identity,
+              key_moments: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list]:
+        """The shifts of every edit module (fp32) and the factors their gradients reuse: one solve per module."""
+        moments = key_moments or [None] * len(update_keys)
+        factors = [self.factor(k, lam, all_reduce, m) for k, lam, m in zip(update_keys, log_lambdas, moments)]
+        shifts = [self.param_shift(k, r, lam, all_reduce, f)
+                  for k, r, lam, f in zip(update_keys, residuals, log_lambdas, factors)]
+        return shifts, factors
+
+    def solve_grads(self, update_keys, residuals, log_lambdas, shifts, shift_grads, all_reduce=_identity,
+                    factors=None) -> list[ShiftGrads]:
+        """:meth:`shift_grads` of every edit module."""
+        factors = factors or [None] * len(update_keys)
+        return [self.shift_grads(k, r, lam, w, g, all_reduce, f) for k, r, lam, w, g, f
+                in zip(update_keys, residuals, log_lambdas, shifts, shift_grads, factors)]
+
+    def fit(self, update_keys, residuals, shifts) -> list[float]:
+        """Per module, the share of the residuals' energy the shift reproduces on its own keys,
+        ``1 - ||K dW - R~||^2 / ||R~||^2`` (1: every edit's residual is met)."""
+        return [_fit_share([k], [w], r) for k, r, w in zip(update_keys, residuals, shifts)]
+
+
+def _fit_share(keys, shifts, target) -> float:
+    target = target.double()
+    miss = sum(k.double() @ w.detach().double() for k, w in zip(keys, shifts)) - target
+    return float(1 - (miss ** 2).sum() / (target ** 2).sum().clamp_min(1e-30))
 
 
 @dataclass
@@ -158,6 +187,74 @@ class ClosedFormUpdate(ParamShiftUpdate):
             d_residuals = _f(update_keys) @ solved
             d_lambda = -lam * (solved * shift).sum()
         return ShiftGrads(residuals=d_residuals, log_lambda=d_lambda)
+
+
+@dataclass
+class JointFactor:
+    """What a joint solve's backward reuses: each module's ``K_l A_l^-1`` and the Cholesky factor of ``M``."""
+
+    keys_solved: list[torch.Tensor]
+    chol: torch.Tensor
+
+
+class JointClosedFormUpdate(ClosedFormUpdate):
+    """One ridge least-squares solve across all edit modules: their outputs add into the same residual stream, so
+    the solve fits the *sum* of the spread residuals, ``sum_l K_l dW_l = sum_l R~_l``, with every module's keys at
+    once (``N`` rows against all modules' key features together, where a per-module solve has one module's).
+
+    ``min sum_l ||dW_l||^2_{A_l} + ||sum_l K_l dW_l - R||^2`` with ``A_l = exp(lambda_l) I (+ c N I) (+ mu C0_l)``
+    gives ``dW_l = A_l^-1 K_l^T a``, ``a = M^-1 R``, ``M = I + sum_l K_l A_l^-1 K_l^T`` (N x N). Given
+    ``G_l = dL/d(dW_l)``: ``dL/dR~_l = M^-1 sum_j K_j A_j^-1 G_j``, the same for every module. Lambda is not learnt
+    (``learn_lambda`` has no effect); all key rows must be in one process (no DDP).
+
+    Args: ``preserve`` and ``ridge_per_row`` as in :class:`ClosedFormUpdate`.
+    """
+
+    name = "joint_closed_form"
+    uses_lambda = False
+
+    def __init__(self, preserve: float = 0.0, ridge_per_row: float = 0.0):
+        super().__init__("primal", preserve, ridge_per_row)
+
+    def init_args(self) -> dict:
+        return {"preserve": self.preserve, "ridge_per_row": self.ridge_per_row}
+
+    def factor(self, update_keys, log_lambda, all_reduce=_identity, key_moments=None):
+        raise NotImplementedError("JointClosedFormUpdate solves all modules together: use solve().")
+
+    def solve(self, update_keys, residuals, log_lambdas, all_reduce=_identity, key_moments=None):
+        if all_reduce is not _identity:
+            raise ValueError("JointClosedFormUpdate needs all key rows in one process; train it on one device, or "
+                             "use ClosedFormUpdate under DDP.")
+        if self.preserve and key_moments is None:
+            raise ValueError("JointClosedFormUpdate(preserve > 0) needs the edit modules' key moments; build the "
+                             "editor through EditorModule or KnowledgeEditor, which compute them.")
+        keys = [_f(k) for k in update_keys]
+        n_rows = keys[0].shape[0]
+        kernel = torch.eye(n_rows, dtype=keys[0].dtype, device=keys[0].device)
+        solved = []
+        for position, k in enumerate(keys):
+            ridge = torch.exp(log_lambdas[position].detach().to(k.dtype)) + self.ridge_per_row * n_rows
+            a = torch.eye(k.shape[1], dtype=k.dtype, device=k.device) * ridge
+            if self.preserve:
+                a = a + self.preserve * _f(key_moments[position])
+            k_solved = torch.cholesky_solve(k.T, torch.linalg.cholesky(a)).T  # K A^-1 (A symmetric)
+            solved.append(k_solved)
+            kernel = kernel + k_solved @ k.T
+        chol = torch.linalg.cholesky(kernel)
+        alpha = torch.cholesky_solve(sum(_f(r) for r in residuals), chol)
+        return [ks.T @ alpha for ks in solved], [JointFactor(solved, chol)]
+
+    def solve_grads(self, update_keys, residuals, log_lambdas, shifts, shift_grads, all_reduce=_identity,
+                    factors=None):
+        factor = factors[0] if factors else self.solve(update_keys, residuals, log_lambdas, all_reduce)[1][0]
+        pulled = sum(ks @ _f(g) for ks, g in zip(factor.keys_solved, shift_grads))
+        d_residuals = torch.cholesky_solve(pulled, factor.chol)
+        return [ShiftGrads(residuals=d_residuals) for _ in update_keys]
+
+    def fit(self, update_keys, residuals, shifts) -> list[float]:
+        """One number: the share of the summed residuals' energy that all modules' shifts reproduce together."""
+        return [_fit_share(update_keys, shifts, sum(r.double() for r in residuals))]
 
 
 class OuterProductUpdate(ParamShiftUpdate):
