@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from horse_pl.api import KnowledgeEditor, apply_delta, read_delta
+from horse_pl.cards import edited_model_card
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, load_requests
 from horse_pl.data.tokenize import TokenizationError
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
@@ -92,6 +93,9 @@ def run_edit(args: argparse.Namespace) -> None:
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
+    for example in edit_report["examples"]:
+        print(f"{example['prompt']!r} -> {example['target']!r}:  before {example['before']!r}  "
+              f"after {example['after']!r}")
     start = time.perf_counter()
     edit_report["timings"] = ke.timings
     edit_report["requests_file"] = {"path": str(args.requests), "sha256": file_sha256(args.requests)}
@@ -104,6 +108,7 @@ def run_edit(args: argparse.Namespace) -> None:
             ke.model.save_pretrained(folder, safe_serialization=True)
             ke.tokenizer.save_pretrained(folder)
             (folder / "edit_report.json").write_text(json.dumps(edit_report, indent=2))
+            (folder / "README.md").write_text(edited_model_card(edit_report, ke.config, ke.model_name, args.editor))
         write_atomic_dir(out, write, "replace" if args.overwrite else "error")
     ke.timings["save"] = time.perf_counter() - start
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ke.timings.items()))

@@ -25,6 +25,7 @@ from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
 from horse_pl.export import EditorLoadError, load_editor
+from horse_pl.generation import greedy_answers
 from horse_pl.io import write_atomic_dir, write_atomic_file
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
@@ -92,8 +93,10 @@ class KnowledgeEditor:
         return batch
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
-             merge_shifts: bool = True, general: GeneralCheck | None = None) -> tuple[list[torch.Tensor], dict]:
-        """Compute the shifts of all requests at once, score before/after, and (by default) merge them.
+             merge_shifts: bool = True, general: GeneralCheck | None = None,
+             examples: int = 3) -> tuple[list[torch.Tensor], dict]:
+        """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
+        ``examples`` hold the greedy continuations of the first ``examples`` prompts before and after the edit.
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
@@ -104,6 +107,10 @@ class KnowledgeEditor:
         result = edit_and_score(self.editor, self.model, self.modules, batch, EVAL_VIEWS, score_before=True,
                                 timings=self.timings)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
+        shown = list(requests[:examples])
+        before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
+        with applied(self.modules, result.state.param_shifts):
+            after = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
         if merge_shifts:
             start = time.perf_counter()
             self.fingerprints = (model_fingerprint(self.model), None)
@@ -112,6 +119,8 @@ class KnowledgeEditor:
             self.fingerprints = (self.fingerprints[0], model_fingerprint(self.model))
             self.timings["merge"] = time.perf_counter() - start
         report = self._report(requests, result)
+        report["examples"] = [{"prompt": r.prompt, "target": r.target, "before": b, "after": a}
+                              for r, b, a in zip(shown, before, after)]
         if general_report is not None:
             report["general"] = general_report
         return result.state.param_shifts, report

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from horse_pl.cards import editor_card
 from horse_pl.editing.editor import Editor
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
@@ -89,6 +90,7 @@ def save_editor(editor: Editor, config: EditorConfig, out: str | Path, overwrite
     def write(folder: Path) -> None:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "horse_pl-editor"})
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+        (folder / "README.md").write_text(editor_card(config))
 
     write_atomic_dir(out, write, "replace" if overwrite else "error")
     return Path(out)
@@ -170,8 +172,23 @@ def _stage(value, default: type):
     return value
 
 
-def config_from_checkpoint(checkpoint: dict) -> EditorConfig:
-    """The editor config of a Lightning checkpoint written by :class:`~horse_pl.module.EditorModule`."""
+def _recorded_validation(ckpt_path: str | Path, step: int | None) -> dict | None:
+    """The validation scores of the run's result record (:class:`horse_pl.records.ResultsRecorder`) beside the
+    checkpoint, at the checkpoint's step: a ``last.ckpt`` is written just before the final validation runs."""
+    for path in sorted(Path(ckpt_path).parent.glob("*-fit-*.json"), reverse=True):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        metrics = {k: v for k, v in record.get("metrics", {}).items() if k.startswith("val/")}
+        if record.get("global_step") == step and metrics:
+            return {"metrics": metrics, "step": step, "record": path.name}
+    return None
+
+
+def config_from_checkpoint(checkpoint: dict, ckpt_path: str | Path | None = None) -> EditorConfig:
+    """The editor config of a Lightning checkpoint written by :class:`~horse_pl.module.EditorModule` (with the
+    checkpoint's path, validation scores missing from it are taken from the run's result record beside it)."""
     hp = checkpoint["hyper_parameters"]
     meta = checkpoint.get("horse_pl")
     if meta is None:
@@ -185,6 +202,13 @@ def config_from_checkpoint(checkpoint: dict) -> EditorConfig:
 
         training["train_sha256"] = file_sha256(data["train_path"])
     training["global_step"] = checkpoint.get("global_step")
+    validation = meta.get("validation") or (_recorded_validation(ckpt_path, checkpoint.get("global_step"))
+                                           if ckpt_path else None)
+    if validation:
+        split = data.get("val_split") or "eval"
+        training["validation"] = {
+            **validation, "split": split, "n_edits": data.get("val_n_edits") or data.get("n_edits"),
+            "path": data.get("train_path") if split == "dev" else data.get("val_path")}
     return EditorConfig(
         method=method_name(spread, update, hp["learn_lambda"]), spread=spread.name, update=update.name,
         positions=hp["positions"], learn_lambda=hp["learn_lambda"], rank=hp["rank"], n_blocks=hp["n_blocks"],
@@ -214,7 +238,7 @@ def read_checkpoint(ckpt_path: str | Path) -> dict:
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Turn a training checkpoint into an editor folder."""
     checkpoint = read_checkpoint(ckpt_path)
-    config = config_from_checkpoint(checkpoint)
+    config = config_from_checkpoint(checkpoint, ckpt_path)
     editor = build_editor(config)
     prefix = "editor."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

@@ -13,8 +13,9 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import RichProgressBar
 
-from horse_pl.callbacks import SaveLastOnSigterm
+from horse_pl.callbacks import SaveLastOnSigterm, StepProgressBar
 from horse_pl.data.datamodule import EVAL_VIEWS, shard_batch
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
 from horse_pl.editing.editor import Editor, EditState
@@ -96,6 +97,7 @@ class EditorModule(L.LightningModule):
         self.val_metrics, self.pre_metrics = make_metrics(), make_metrics()
         self.test_metrics = make_metrics()
         self._baseline_done = False
+        self._validated_step: int | None = None  # global step of the latest validation (for the model card)
 
     # ----------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -135,6 +137,11 @@ class EditorModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["horse_pl"] = {"base_model": self.hparams.model, "fingerprint": self.fingerprint,
                                   "edit_modules": self.module_names, "shapes": self.editor.hypernet.shapes}
+        trainer = self._trainer
+        scores = {k: float(v) for k, v in (trainer.callback_metrics if trainer else {}).items()
+                  if k.startswith("val/")}
+        if scores:  # the latest validation, for the exported editor's model card
+            checkpoint["horse_pl"]["validation"] = {"metrics": scores, "step": self._validated_step}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
@@ -203,8 +210,12 @@ class EditorModule(L.LightningModule):
 
     # --------------------------------------------------------------- training
     def configure_callbacks(self):
-        """A pre-empted run (SIGTERM) saves last.ckpt after its running step."""
-        return [SaveLastOnSigterm()]
+        """A pre-empted run (SIGTERM) saves last.ckpt after its running step; Lightning's default rich progress bar
+        counts steps and edits instead of epochs (a bar the user configured or switched off is left alone)."""
+        callbacks = [SaveLastOnSigterm()]
+        if type(getattr(self._trainer, "progress_bar_callback", None)) is RichProgressBar:
+            callbacks.append(StepProgressBar())
+        return callbacks
 
     def on_train_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -284,6 +295,7 @@ class EditorModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval(self.val_metrics, "val")
+        self._validated_step = self.global_step
 
     def on_test_epoch_end(self) -> None:
         self._end_eval(self.test_metrics, "test")

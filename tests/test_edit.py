@@ -161,3 +161,54 @@ def test_bad_requests_file_and_missing_editor(editor_dir, tmp_path, capsys):
     assert edit_main(["--editor", str(tmp_path), "--requests", str(good), "--out", str(tmp_path / "o")]) == 2
     assert "is not an exported editor" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_exported_editor_and_edited_model_explain_themselves(editor_dir, tiny_llama, tmp_path, capsys):
+    from conftest import train_args
+
+    from horse_pl.cards import SCORE_ORDER
+    from horse_pl.cli import cli
+
+    # a run that validates, with the best-by-val/ES checkpoint of the recipes: its card shows that validation
+    ckpt = tmp_path / "ckpt"
+    cli(["fit"] + train_args(tiny_llama, tmp_path / "run", steps=2)
+        + ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", str(ckpt),
+           "--trainer.callbacks.monitor", "val/ES", "--trainer.callbacks.mode", "max",
+           "--trainer.callbacks.filename", "best-{step}"])
+    best = ckpt / "best-step=2.ckpt"
+    saved = torch.load(best, weights_only=True)["horse_pl"]
+    assert export_main(["--ckpt_path", str(best), "--out", str(tmp_path / "editor")]) == 0
+    card = (tmp_path / "editor" / "README.md").read_text()
+    config = json.loads((tmp_path / "editor" / "config.json").read_text())
+    assert tiny_llama in card and config["base_fingerprint"] in card and "horse" in card
+    assert config["training"]["train_sha256"][:16] in card and "2 steps x 8 edits" in card
+    validation = config["training"]["validation"]
+    assert validation["split"] == "eval" and validation["metrics"] == saved.get("validation", {}).get("metrics")
+    assert f"| ES | {validation['metrics']['val/unedited_ES']:.3f} | {validation['metrics']['val/ES']:.3f} |" in card
+    # the editor without validation says so, and how to score it
+    assert "No validation scores" in (editor_dir / "editor" / "README.md").read_text()
+
+    requests_path = _requests_file(tmp_path, n=4)
+    out = tmp_path / "edited"
+    assert edit_main(["--editor", str(editor_dir / "editor"), "--requests", str(requests_path), "--max-length", "1024",
+                      "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "edit_report.json").read_text())
+    examples = report["examples"]
+    assert len(examples) == 3 and all(set(e) == {"prompt", "target", "before", "after"} for e in examples)
+    # the examples are the greedy continuations of the unedited and the edited model
+    from horse_pl.generation import greedy_answers
+
+    base, tokenizer = load_model(tiny_llama)
+    edited, _ = load_model(str(out))
+    shown, _ = load_requests(requests_path, limit=3)
+    assert [e["before"] for e in examples] == greedy_answers(base, tokenizer, shown, max_length=1024)
+    assert [e["after"] for e in examples] == greedy_answers(edited, tokenizer, shown, max_length=1024)
+    assert f"after {examples[0]['after']!r}" in printed
+    card = (out / "README.md").read_text()
+    assert "**4 edits**" in card and report["requests_file"]["sha256"] in card and "from_pretrained" in card
+    for name in SCORE_ORDER:
+        if name in report["summary"]["after"]:
+            before, after = report["summary"]["before"][name], report["summary"]["after"][name]
+            assert f"| {name} | {before:.3f} | {after:.3f} |" in card
+    assert repr(examples[0]["after"]) in card

@@ -133,3 +133,15 @@ def test_every_recipe_parses_and_builds_with_the_model_shrunk(config, tiny_llama
     if saving_last and steps > 0:
         every = saving_last[0]._every_n_train_steps
         assert every and steps % every == 0, f"{config.name}: last.ckpt would miss the final step {steps}"
+
+
+def test_progress_bar_counts_steps_and_edits(tiny_llama, tmp_path):
+    from horse_pl.callbacks import StepProgressBar
+
+    run = cli(["fit"] + train_args(tiny_llama, tmp_path, steps=2, **{"trainer.enable_progress_bar": "true",
+                                                                      "trainer.limit_val_batches": 0}))
+    bar = run.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar) and bar.total_train_batches == 2
+    assert bar._get_train_description(0) == "step 2/2, 16 edits"
+    off = cli(["fit"] + train_args(tiny_llama, tmp_path / "off", steps=1, **{"trainer.limit_val_batches": 0}))
+    assert off.trainer.progress_bar_callback is None  # switched off stays off
