@@ -42,10 +42,13 @@ def _check_out(out: Path, overwrite: bool, is_file: bool) -> None:
 
 
 def _print_table(summary: dict) -> None:
-    names = [n for n in summary["after"] if n in summary["before"]]
+    if not summary["after"]:
+        print("not scored (--score none)")
+        return
     print(f"{'score':<14}{'before':>8}{'after':>8}")
-    for name in names:
-        print(f"{name:<14}{summary['before'][name]:>8.3f}{summary['after'][name]:>8.3f}")
+    for name, after in summary["after"].items():
+        before = summary["before"].get(name)
+        print(f"{name:<14}{'-' if before is None else f'{before:.3f}':>8}{after:>8.3f}")
 
 
 def _print_general(general: dict) -> None:
@@ -89,7 +92,8 @@ def run_edit(args: argparse.Namespace) -> None:
                                   "model_editing_hurt/).")
         general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
-    shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general)
+    shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
+                                  score=args.score)
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -213,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="dtype of the base model")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda")
     p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (e.g. configs/mose_*.yaml)")
+    p.add_argument("--score", choices=("all", "edit", "none"), default="all",
+                   help="all: every view before and after (default); edit: the edit and rephrase prompts after the "
+                        "edit (ES, GS, EM); none: no scoring, only the edit")
     p.add_argument("--general", action="store_true",
                    help="also score general abilities (perplexity, QA and choice tasks) before and after the edit")
     p.add_argument("--preserve", type=float, default=None,

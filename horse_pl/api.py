@@ -32,6 +32,7 @@ from horse_pl.models import load_model, model_fingerprint
 from horse_pl.sequential.general import GeneralCheck
 
 DELTA_FORMAT = "horse_pl-delta"
+SCORE_MODES = {"all": EVAL_VIEWS, "edit": ("edit", "rephrase"), "none": ()}  # views scored by KnowledgeEditor.edit
 RESTORE_INDEX, RESTORE_VALUE = "{}::restore_index", "{}::restore_value"
 
 
@@ -94,9 +95,11 @@ class KnowledgeEditor:
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
-             examples: int = 3) -> tuple[list[torch.Tensor], dict]:
+             examples: int = 3, score: str = "all") -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts before and after the edit.
+        ``score``: ``all`` (every view before and after), ``edit`` (the edit and rephrase prompts after the edit:
+        ES, GS, EM) or ``none`` (no scoring, the edit alone).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
@@ -104,8 +107,10 @@ class KnowledgeEditor:
         start = time.perf_counter()
         batch = self.batches(requests, batch_size, max_length)
         self.timings["tokenize"] = time.perf_counter() - start
-        result = edit_and_score(self.editor, self.model, self.modules, batch, EVAL_VIEWS, score_before=True,
-                                timings=self.timings)
+        if score not in SCORE_MODES:
+            raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
+        result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
+                                score_before=score == "all", timings=self.timings)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         shown = list(requests[:examples])
         before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
@@ -137,7 +142,7 @@ class KnowledgeEditor:
 
     def _report(self, requests, result) -> dict:
         per_request = [{"prompt": r.prompt, "target": r.target, "before": {}, "after": {}} for r in requests]
-        for when, scores in (("before", result.before), ("after", result.after)):
+        for when, scores in (("before", result.before or {}), ("after", result.after)):
             for name, view in (("ES", "edit"), ("GS", "rephrase"), ("LS", "locality"), ("portability", "portability")):
                 if view in scores:
                     for row, acc in zip(scores[view].rows.tolist(), scores[view].accuracy.tolist()):
@@ -147,7 +152,7 @@ class KnowledgeEditor:
                     for row, ok in zip(scores[view].rows.tolist(), scores[view].exact.tolist()):
                         per_request[row][when][name] = bool(ok)
         summary = {}
-        for when, values in (("before", result.values_before), ("after", result.values_after)):
+        for when, values in (("before", result.values_before or {}), ("after", result.values_after)):
             summary[when] = {n: float(values[n].mean()) for n in SCORE_NAMES if n in values and values[n].numel()}
         return {"n_requests": len(requests), "summary": summary, "requests": per_request}
 

@@ -67,8 +67,11 @@ def edited_model_card(report: Mapping, config, base_model: str, editor_dir: str)
              f"- update: `{config.update}` {config.update_args or ''}", "",
              "## Scores on the edited requests (teacher-forced; `edit_report.json` has every request)", ""]
     names = [n for n in SCORE_ORDER if n in summary["after"]]
-    lines += _table([(n, f"{summary['before'].get(n, float('nan')):.3f}", f"{summary['after'][n]:.3f}")
-                     for n in names], ("score", "before", "after"))
+    if names:
+        lines += _table([(n, f"{summary['before'][n]:.3f}" if n in summary["before"] else "-",
+                          f"{summary['after'][n]:.3f}") for n in names], ("score", "before", "after"))
+    else:
+        lines.append("Not scored (`edit.py --score none`).")
     general = report.get("general")
     if general:
         lines += ["", "## General abilities (after / before)", ""]

@@ -212,3 +212,21 @@ def test_exported_editor_and_edited_model_explain_themselves(editor_dir, tiny_ll
             before, after = report["summary"]["before"][name], report["summary"]["after"][name]
             assert f"| {name} | {before:.3f} | {after:.3f} |" in card
     assert repr(examples[0]["after"]) in card
+
+
+def test_score_modes_score_less_and_edit_the_same(editor_dir, tmp_path, capsys):
+    requests_path = _requests_file(tmp_path, n=4)
+    common = ["--editor", str(editor_dir / "editor"), "--requests", str(requests_path), "--max-length", "1024"]
+    for mode in ("all", "edit", "none"):
+        assert edit_main(common + ["--score", mode, "--out", str(tmp_path / mode)]) == 0
+    out = capsys.readouterr().out
+    summaries = {m: json.loads((tmp_path / m / "edit_report.json").read_text())["summary"] for m in ("all", "edit",
+                                                                                                    "none")}
+    assert {"ES", "GS", "LS", "LS_agree"} <= set(summaries["all"]["after"]) and summaries["all"]["before"]
+    assert set(summaries["edit"]["after"]) == {"ES", "GS", "EM_edit", "EM_rephrase"} and not summaries["edit"]["before"]
+    assert summaries["edit"]["after"]["ES"] == summaries["all"]["after"]["ES"]
+    assert summaries["none"] == {"before": {}, "after": {}} and "not scored (--score none)" in out
+    assert "Not scored" in (tmp_path / "none" / "README.md").read_text()
+    models = {m: load_model(str(tmp_path / m))[0].state_dict() for m in ("all", "none")}
+    for name, value in models["all"].items():
+        assert torch.equal(models["none"][name], value), name

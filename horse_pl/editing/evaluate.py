@@ -29,8 +29,9 @@ class BatchResult:
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: dict,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = _identity,
                    timings: dict[str, float] | None = None) -> BatchResult:
-    """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or only the locality view, which
-    LS_agree needs) and with the shifts applied; the model is left unedited. ``timings`` receives the
+    """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or, without ``score_before``, only the
+    locality view when it is among ``views``: LS_agree needs it) and with the shifts applied; no views, no scoring.
+    The model is left unedited. ``timings`` receives the
     seconds of capture, predict, spread, solve, score_before and score_after."""
     timings = {} if timings is None else timings
     start = time.perf_counter()
@@ -44,7 +45,8 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
         locality_before = before.get("locality")
     else:
         before = None
-        locality_before = score_view(lm, batch["locality"], batch["locality_rows"]) if batch.get("locality") else None
+        locality_before = (score_view(lm, batch["locality"], batch["locality_rows"])
+                           if "locality" in views and batch.get("locality") else None)
     timings["score_before"] = time.perf_counter() - start
     start = time.perf_counter()
     with applied(modules, state.param_shifts):
