@@ -62,6 +62,24 @@ def recover_leftovers(target: str | Path) -> None:
         print(f"note: removed '{path}' ({size / 2**20:.0f} MiB), left behind by an interrupted run", file=sys.stderr)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def _readable(folder: Path) -> None:
+    """Give every file the mode a plain ``open`` would (safetensors writes 0600, unreadable for the user's group)."""
+    mode = _file_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
     if not sys.platform.startswith("linux"):
@@ -113,7 +131,8 @@ def write_atomic_dir(target: str | Path, write: Callable[[Path], None],
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-{os.getpid()}-"))
     try:
         write(tmp)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode mkdir gives
+        _readable(tmp)
         if target.exists():
             if if_exists == "keep":
                 shutil.rmtree(tmp)
@@ -134,7 +153,7 @@ def write_atomic_dir(target: str | Path, write: Callable[[Path], None],
 
 
 def write_atomic_file(target: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Call ``write(tmp_file)`` beside ``target`` and rename it over ``target`` (mode 0644 under the umask)."""
+    """Call ``write(tmp_file)`` beside ``target`` and rename it over ``target`` (mode 0666 less the umask)."""
     target = Path(target)
     if target.is_dir():
         raise OutputError(f"'{target}' is a folder, and this output is a file; choose a file path.")
@@ -144,9 +163,7 @@ def write_atomic_file(target: str | Path, write: Callable[[Path], None], overwri
     tmp = target.with_name(f".{target.name}-{os.getpid()}.tmp")
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -59,7 +59,13 @@ def _dead_pid() -> int:
 
 def test_an_interrupted_overwrite_leaves_the_old_output_and_the_next_write_cleans_up(tmp_path, capsys):
     target = tmp_path / "out"
-    io.write_atomic_dir(target, lambda f: (f / "v").write_text("1"))
+
+    def private(folder):  # safetensors writes its files 0600
+        (folder / "v").write_text("1")
+        os.chmod(folder / "v", 0o600)
+
+    io.write_atomic_dir(target, private)
+    assert (target / "v").stat().st_mode & 0o777 == 0o666 & ~io._umask()
     io.write_atomic_dir(target, lambda f: (f / "v").write_text("2"), "replace")
     assert (target / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["out"]
     # a run killed between moving the old output aside and moving the new one in (the fallback without an atomic
