@@ -56,27 +56,48 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+FAMILIES = ("llama", "gpt2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "gptj", "gpt_neox", "olmo2")
+
+
+def _tiny_config(kind: str, vocab: int):
+    import transformers as tf
+
+    shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    decoder = dict(shape, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # the families whose defaults exceed vocab
+    if kind == "llama":
+        return tf.LlamaConfig(**{**shape, "num_hidden_layers": 4}, tie_word_embeddings=True)
+    if kind == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256)
+    if kind == "gemma3":
+        return tf.Gemma3TextConfig(**shape, head_dim=8, sliding_window=16)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**decoder, tie_word_embeddings=True)
+    if kind == "qwen3":
+        return tf.Qwen3Config(**decoder, head_dim=8)
+    if kind == "mistral":
+        return tf.MistralConfig(**decoder, sliding_window=None)
+    if kind == "phi3":
+        return tf.Phi3Config(**decoder)
+    if kind == "olmo2":
+        return tf.Olmo2Config(**decoder)
+    if kind == "gptj":
+        return tf.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256, rotary_dim=4,
+                             bos_token_id=0, eos_token_id=0)
+    if kind == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                num_attention_heads=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+    raise ValueError(kind)
+
+
 def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random model of an architecture family (``llama``, ``gpt2``, ``gemma3``) with the BPE tokenizer."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+    """Save a tiny random model of an architecture family (one of :data:`FAMILIES`) with the BPE tokenizer."""
+    from transformers import AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(folder)
-    vocab = len(tok)
-    if kind == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=True)
-    elif kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256)
-    elif kind == "gemma3":
-        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=256, sliding_window=16)
-    else:
-        raise ValueError(kind)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(tok)))
     model.save_pretrained(folder)
     return folder
 
@@ -84,7 +105,7 @@ def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: str(build_tiny_model(kind, root / kind)) for kind in ("llama", "gpt2", "gemma3")}
+    return {kind: str(build_tiny_model(kind, root / kind)) for kind in FAMILIES}
 
 
 @pytest.fixture(scope="session")

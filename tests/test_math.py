@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import pipeline_grads
+from conftest import FAMILIES, pipeline_grads
 from torch import nn
 
 from horse_pl.editing.capture import Capture
@@ -232,7 +232,7 @@ def _run_with_fake_all_reduce(workers):
     return results
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
     """Keys are the module inputs and value gradients dL/d(output) at the answer positions, for every
     edit module at once, although the backward pass stops at the lowest edit module."""
@@ -265,7 +265,7 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
         h.remove()
     for i in range(len(modules)):
         torch.testing.assert_close(cap.keys[i], inputs[i][mask].detach())
-        torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[mask], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[mask], rtol=1e-4, atol=1e-6)  # fp32 rounding
         assert cap.value_grads[i].abs().sum() > 0
 
 
@@ -327,7 +327,7 @@ def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy(bias, softc
                                    rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kind, monkeypatch):
     """Running a right-padded micro-batch in row groups trimmed to their own length changes no answer logit,
     keeps the row order, and capture in groups equals capture of the whole padded micro-batch."""
@@ -362,7 +362,7 @@ def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kin
     assert cap.loss == pytest.approx(whole.loss, rel=1e-5)
     for i in range(len(modules)):
         torch.testing.assert_close(cap.keys[i], whole.keys[i], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(cap.value_grads[i], whole.value_grads[i], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(cap.value_grads[i], whole.value_grads[i], rtol=1e-4, atol=1e-6)
 
 
 def test_applied_shift_on_a_bf16_module_is_not_rounded_away():
@@ -393,7 +393,7 @@ def _logits_loss_and_shift_grads(model, modules, shifts, logits_fn, loss_fn, bat
     return logits, labels, loss.detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monkeypatch):
     """The last layer's MLP runs at the answer positions alone; answer logits, the loss with shifts
     applied, its gradient on the shifts, and captured keys / value gradients are those of the full pass."""
@@ -432,10 +432,10 @@ def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monke
     torch.testing.assert_close(trimmed[0], full[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(trimmed[1], full[1], rtol=1e-6, atol=1e-6)
     for a, b in zip(trimmed[2], full[2]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for i in range(len(modules)):
         torch.testing.assert_close(trimmed[3].keys[i], full[3].keys[i], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(trimmed[3].value_grads[i], full[3].value_grads[i], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(trimmed[3].value_grads[i], full[3].value_grads[i], rtol=1e-4, atol=1e-6)
 
 
 def test_shared_prefix_length_stops_at_a_difference_padding_or_label():
@@ -455,7 +455,7 @@ def test_shared_prefix_length_stops_at_a_difference_padding_or_label():
     assert shared_prefix_length({k: v[:1] for k, v in group.items()}, overhead=0) == 0  # a single row
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkeypatch):
     """Rows starting with the same tokens (a prompt template) share one pass over that prefix: answer
     logits, the loss with shifts applied and its gradient on the shifts equal those of the full pass

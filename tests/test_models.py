@@ -11,7 +11,10 @@ from horse_pl.models import load_model, load_tokenizer, model_fingerprint
 
 
 @pytest.mark.parametrize("kind,suffix", [("llama", "mlp.down_proj"), ("gpt2", "mlp.c_proj"),
-                                         ("gemma3", "mlp.down_proj")])
+                                         ("gemma3", "mlp.down_proj"), ("qwen2", "mlp.down_proj"),
+                                         ("qwen3", "mlp.down_proj"), ("mistral", "mlp.down_proj"),
+                                         ("phi3", "mlp.down_proj"), ("gptj", "mlp.fc_out"),
+                                         ("gpt_neox", "mlp.dense_4h_to_h"), ("olmo2", "mlp.down_proj")])
 def test_tiny_models_load_and_resolve_last_layers(tiny_models, kind, suffix):
     model, tok = load_model(tiny_models[kind])
     assert not any(p.requires_grad for p in model.parameters())
