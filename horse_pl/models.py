@@ -132,7 +132,9 @@ def check_bos(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a Hugging Face id, a folder, or an ``embedded:`` model; padding on the right."""
+    """Load the tokenizer of a Hugging Face id, a folder, or an ``embedded:`` model (``random:`` models use the
+    embedded SmolLM2 one); padding on the right."""
+    name = DEFAULT_MODEL if name.startswith("random:") else name
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(name, "tokenizer"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -141,11 +143,47 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# Published configurations, for ``random:NAME`` models: the real shapes with random weights (speed and memory checks
+# of 7B-sized editing without downloading weights). Vocabulary: the embedded SmolLM2 tokenizer's, the one they use.
+RANDOM_CONFIGS = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+
+def _random_model(name: str, dtype: torch.dtype, device) -> PreTrainedModel:
+    """``random:llama2-7b`` or ``random:llama2-7b,num_hidden_layers=2,hidden_size=64`` (overrides, e.g. for a CPU
+    run at reduced size): the configuration with random weights, initialised directly on ``device``."""
+    from transformers import AutoConfig
+
+    key, *overrides = name.removeprefix("random:").split(",")
+    if key not in RANDOM_CONFIGS:
+        raise ValueError(f"Unknown random model '{name}': use one of {[f'random:{k}' for k in RANDOM_CONFIGS]}.")
+    settings = dict(RANDOM_CONFIGS[key])
+    for item in overrides:
+        field_name, sep, value = item.partition("=")
+        if not sep or not value.isdigit():
+            raise ValueError(f"Random model override '{item}' in '{name}' must be FIELD=INTEGER.")
+        settings[field_name] = int(value)
+    settings["vocab_size"] = len(load_tokenizer(DEFAULT_MODEL))
+    config = AutoConfig.for_model(**settings)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.name_or_path = name
+    return model
+
+
 def load_model(
     name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` for a Hugging Face id or folder, or ``embedded:smollm2-135m`` /
-    ``embedded:gemma3-270m``. The model is in eval mode with every parameter frozen."""
+    """Return ``(model, tokenizer)`` for a Hugging Face id or folder, ``embedded:smollm2-135m`` /
+    ``embedded:gemma3-270m``, or a published configuration with random weights (``random:llama2-7b``, with the
+    embedded SmolLM2 tokenizer). The model is in eval mode with every parameter frozen."""
+    if name.startswith("random:"):
+        model = _random_model(name, parse_dtype(dtype), device)
+        model.eval().requires_grad_(False)
+        return model, load_tokenizer(DEFAULT_MODEL)
     if not name.startswith("embedded:") and not Path(name).exists() and name.count("/") > 1:
         raise FileNotFoundError(f"Model folder '{name}' does not exist; pass an existing folder or a hub id.")
     model = AutoModelForCausalLM.from_pretrained(resolve_path(name, "model"), dtype=parse_dtype(dtype))

@@ -97,3 +97,35 @@ def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, c
     assert report["step_at_matmul_rate"] == pytest.approx(
         report["gflop_per_step"] / ((report["matmul_gflops_before"] + report["matmul_gflops_after"]) / 2))
     assert "GFLOP" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_on_cpu_at_reduced_size(tmp_path):
+    """benchmarks/gpu_check.sh, the prepared GPU run (LLaMA-2-7B's configuration, random bf16 weights), at a size a
+    CPU runs in seconds: same script, same random-model path, same report."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MODEL": "random:llama2-7b,num_hidden_layers=2,hidden_size=64,intermediate_size=96,"
+                                  "num_attention_heads=4,num_key_value_heads=4",
+           "DEVICE": "cpu", "DTYPE": "float32", "EDIT_MODULES": "layers:0-1", "N": "4", "RANK": "16",
+           "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "s/100 edits" in proc.stdout and "DDP step is skipped" in proc.stdout
+    report = json.loads((tmp_path / "edit_speed.json").read_text())
+    row = report["results"][0]
+    assert row["n_edits"] == 4 and row["ratio"] > 0 and report["model"].startswith("random:llama2-7b")
+
+
+def test_random_model_has_the_published_shapes():
+    from horse_pl.edit_modules import resolve_edit_modules, weight_shape
+    from horse_pl.models import RANDOM_CONFIGS, load_model
+
+    model, tok = load_model("random:llama2-7b,num_hidden_layers=2,hidden_size=64,intermediate_size=96,"
+                            "num_attention_heads=4,num_key_value_heads=4")
+    names = resolve_edit_modules(model, "last:2")
+    assert weight_shape(model.get_submodule(names[0])) == (96, 64) and model.config.vocab_size == len(tok)
+    assert RANDOM_CONFIGS["llama2-7b"]["intermediate_size"] == 11008  # LLaMA-2-7B's MLP
+    with pytest.raises(ValueError, match="Unknown random model"):
+        load_model("random:gpt-9")
