@@ -13,10 +13,11 @@ from horse_pl.data.datamodule import EditDataModule
 from horse_pl.data.records import RecordError
 from horse_pl.data.tokenize import TokenizationError
 from horse_pl.export import EditorLoadError, read_checkpoint
+from horse_pl.models import ModelLoadError
 from horse_pl.module import EditorModule, FingerprintMismatch
 
 USER_ERRORS = (RecordError, TokenizationError, FingerprintMismatch, ModuleNotFoundError, FileNotFoundError,
-               EditorLoadError)
+               EditorLoadError, ModelLoadError)
 
 
 class HorseCLI(LightningCLI):

@@ -11,16 +11,23 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import pickle
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from horse_pl.io import write_atomic_dir
 
 DEFAULT_MODEL = "embedded:smollm2-135m"
+
+
+class ModelLoadError(ValueError):
+    """A base model that cannot be loaded (missing, damaged or foreign weights, an unreachable hub id)."""
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -131,11 +138,27 @@ def check_bos(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
         )
 
 
+@contextmanager
+def _loading(name: str, part: str):
+    """Turn what transformers raises for a missing, damaged or pickled file, or an unreachable hub id, into one
+    sentence naming the model (an embedded model's missing package keeps its own message)."""
+    try:
+        yield
+    except (ModuleNotFoundError, ModelLoadError):
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ModelLoadError(f"The {part} of '{name}' cannot be loaded ({type(err).__name__}: {first}); pass a Hugging "
+                             "Face folder with config.json, safetensors weights and a tokenizer, a hub id this machine "
+                             "can reach, or an embedded: model.") from None
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a Hugging Face id, a folder, or an ``embedded:`` model (``random:`` models use the
     embedded SmolLM2 one); padding on the right."""
     name = DEFAULT_MODEL if name.startswith("random:") else name
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name, "tokenizer"))
+    with _loading(name, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(name, "tokenizer"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -186,7 +209,8 @@ def load_model(
         return model, load_tokenizer(DEFAULT_MODEL)
     if not name.startswith("embedded:") and not Path(name).exists() and name.count("/") > 1:
         raise FileNotFoundError(f"Model folder '{name}' does not exist; pass an existing folder or a hub id.")
-    model = AutoModelForCausalLM.from_pretrained(resolve_path(name, "model"), dtype=parse_dtype(dtype))
+    with _loading(name, "model"):
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(name, "model"), dtype=parse_dtype(dtype))
     model.to(device).eval().requires_grad_(False)
     return model, load_tokenizer(name)
 

@@ -84,6 +84,7 @@ def inputs(editor_dir, tiny_llama, tiny_models, tmp_path_factory) -> dict:
         "pickle_ckpt": str(_pickle_file(root / "pickle.ckpt")),
         "pickle_delta": str(_pickle_file(root / "pickle.safetensors")),
         "binary_requests": str(_pickle_file(root / "requests.bin.json")),
+        "pickle_model": _damaged_editor(Path(tiny_llama), root / "m1", lambda f: _pickle_file(f / "model.safetensors")),
     }
 
 
@@ -120,6 +121,10 @@ CASES = [
      ["pickle.safetensors", "safetensors"]),
     ("apply-delta-folder", "edit", lambda i: ["apply-delta", "--model", i["model"], "--delta", i["folder"],
                                               "--out", i["existing"], "--overwrite"], ["requests_folder", "folder"]),
+    ("pickle-model-weights", "edit", lambda i: ["apply-delta", "--model", i["pickle_model"], "--delta", i["delta"],
+                                                "--out", i["existing"], "--overwrite"], ["m1", "cannot be loaded"]),
+    ("offline-hub-model", "train", lambda i: ["fit"] + train_args("nobody/no-such-model", i["root"] / "fit", steps=2),
+     ["nobody/no-such-model", "cannot be loaded"]),
     ("resume-truncated-ckpt", "train", lambda i: _fit(i, "--ckpt_path", i["truncated_ckpt"]),
      ["truncated.ckpt", "cannot be read"]),
     ("resume-other-model", "train", lambda i: _fit(i, "--ckpt_path", i["ckpt"], "--model.model", i["other_model"]),

@@ -151,6 +151,18 @@ def test_each_layout_is_detected_by_its_whole_shape(layout, tmp_path):
     assert report.format == READER[layout] and request.prompt and request.target
 
 
+@pytest.mark.parametrize("name", ["wiki_counterfact_test_cf", "wiki_counterfact_train_cf", "wiki_recent_recent_train",
+                                  "wikibio-test-all", "wikibio-train-all"])
+def test_the_shared_knowedit_files_still_load_as_knowedit(name):
+    from conftest import KNOWEDIT
+
+    requests, report = load_requests(KNOWEDIT / f"{name}.json.gz", skip_invalid=True)
+    assert report.format == "knowedit" and len(requests) > 0.9 * report.n_records
+    assert sum(r.locality_prompt is not None for r in requests) > 0.7 * len(requests)  # wiki_recent: 73 %
+    if name == "wiki_counterfact_test_cf":  # the one with rephrases
+        assert all(r.rephrase for r in requests[:20])
+
+
 def test_knowedit_zsre_keeps_its_rephrase_locality_and_portability(tmp_path):
     path = tmp_path / "zsre_knowedit.json"
     path.write_text(json.dumps([KNOWEDIT_ZSRE]))
