@@ -84,7 +84,7 @@ def run_edit(args: argparse.Namespace) -> None:
                    if v is not None}
     general_data = DEFAULT_GENERAL_DATA if args.general_data is None else args.general_data
     ke = KnowledgeEditor.from_pretrained(args.editor, model=args.model, dtype=args.dtype, device=args.device,
-                                         update_args=update_args, general_data=general_data)
+                                         update_args=update_args, general_data=general_data, update=args.update)
     general = None
     if args.general:
         if not general_data:
@@ -225,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve", type=float, default=None,
                    help="preservation weight mu of the solve (mu C0, C0 the key second moment on unrelated text; "
                         "default: the editor's)")
+    p.add_argument("--update", choices=("closed_form", "joint_closed_form"), default=None,
+                   help="update stage of the solve (default: the editor's); joint_closed_form solves all edit "
+                        "modules together")
     p.add_argument("--ridge-per-row", type=float, default=None,
                    help="extra ridge c N growing with the N key rows (default: the editor's)")
     seq = p.add_argument_group("sequential editing (--sequential): edits accumulate request by request")

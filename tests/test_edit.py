@@ -230,3 +230,15 @@ def test_score_modes_score_less_and_edit_the_same(editor_dir, tmp_path, capsys):
     models = {m: load_model(str(tmp_path / m))[0].state_dict() for m in ("all", "none")}
     for name, value in models["all"].items():
         assert torch.equal(models["none"][name], value), name
+
+
+def test_edit_py_can_swap_in_the_joint_solve(editor_dir, tmp_path):
+    from horse_pl.editing.update import JointClosedFormUpdate
+
+    requests_path = _requests_file(tmp_path, n=4)
+    assert edit_main(["--editor", str(editor_dir / "editor"), "--requests", str(requests_path), "--max-length", "1024",
+                      "--update", "joint_closed_form", "--score", "edit", "--out", str(tmp_path / "joint")]) == 0
+    assert "update: `joint_closed_form`" in (tmp_path / "joint" / "README.md").read_text()
+    editor, config = load_editor(editor_dir / "editor", update="joint_closed_form")
+    assert isinstance(editor.update, JointClosedFormUpdate) and config.update == "joint_closed_form"
+    assert "form" not in config.update_args  # the per-module solve's option does not carry over
