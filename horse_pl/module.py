@@ -23,10 +23,11 @@ from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.lm import answer_ce, answer_logits
 from horse_pl.editing.shifts import applied
-from horse_pl.editing.spread import GramSchmidtSpread, Spread, _identity, distributed_sum
+from horse_pl.editing.spread import GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.metrics import make_metrics, update_metrics
 from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
+from horse_pl.reduction import LOCAL, Reduction, distributed
 
 
 class FingerprintMismatch(RuntimeError):
@@ -161,11 +162,11 @@ class EditorModule(L.LightningModule):
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
     @property
-    def all_reduce(self):
-        """Sum across DDP processes (identity in a single process)."""
+    def all_reduce(self) -> Reduction:
+        """Sum across DDP processes (none in a single process)."""
         if self._trainer is None or self.trainer.world_size == 1:
-            return _identity
-        return distributed_sum
+            return LOCAL
+        return distributed()
 
     def _local(self, batch: dict) -> dict:
         if self._trainer is None:
@@ -180,7 +181,7 @@ class EditorModule(L.LightningModule):
             cap = self.editor.capture(self.lm, self.edit_modules, micro_batches, training=training)
         with self._timed(times, "predict"):
             if training:
-                self.editor.update_normalizer(cap, reduce if reduce is not _identity else None)
+                self.editor.update_normalizer(cap, reduce)
             state = self.editor.param_shifts(cap, reduce, requires_grad=training)
         return cap, state
 

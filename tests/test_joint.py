@@ -7,8 +7,9 @@ from conftest import pipeline_grads
 
 from horse_pl.editing.capture import Capture
 from horse_pl.editing.editor import Editor
-from horse_pl.editing.spread import GramSchmidtSpread, distributed_sum
+from horse_pl.editing.spread import GramSchmidtSpread
 from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate
+from horse_pl.reduction import distributed
 
 
 def _moments(d, count, seed):
@@ -91,6 +92,6 @@ def test_joint_solve_gradient_equals_autograd():
 def test_joint_solve_refuses_ddp_and_missing_moments():
     keys, residuals, lams = [torch.randn(3, 4)] * 2, [torch.randn(3, 2)] * 2, [torch.tensor(0.0)] * 2
     with pytest.raises(ValueError, match="one process"):
-        JointClosedFormUpdate().solve(keys, residuals, lams, distributed_sum)
+        JointClosedFormUpdate().solve(keys, residuals, lams, distributed())
     with pytest.raises(ValueError, match="key moments"):
         JointClosedFormUpdate(preserve=1.0).solve(keys, residuals, lams)

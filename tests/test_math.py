@@ -12,6 +12,7 @@ from horse_pl.editing.shifts import applied, merge
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread
 from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate
 from horse_pl.hypernet import EditorNet, RunningMeanStd
+from horse_pl.reduction import Reduction
 
 
 def _residuals(n_layers=4, n=12, d=6, scale=1e-6, seed=0):
@@ -77,8 +78,8 @@ def test_closed_form_solve_matches_least_squares_reference(form, n_rows):
 
 def test_kernel_form_is_refused_across_processes():
     with pytest.raises(ValueError, match="needs all key rows in one process"):
-        ClosedFormUpdate("kernel").factor(torch.randn(3, 8), torch.tensor(0.0), all_reduce=lambda t: t)
-    assert not ClosedFormUpdate().factor(torch.randn(3, 8), torch.tensor(0.0), all_reduce=lambda t: t).kernel
+        ClosedFormUpdate("kernel").factor(torch.randn(3, 8), torch.tensor(0.0), all_reduce=Reduction(lambda t: t))
+    assert not ClosedFormUpdate().factor(torch.randn(3, 8), torch.tensor(0.0), all_reduce=Reduction(lambda t: t)).kernel
 
 
 def _toy_editor(spread, update, learn_lambda, chunk_size, shapes=((6, 4),) * 3):
@@ -222,7 +223,7 @@ def _run_with_fake_all_reduce(workers):
         return reduce
 
     def run(i):
-        results[i] = workers[i](make_reduce())
+        results[i] = workers[i](Reduction(make_reduce()))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(workers))]
     for t in threads:

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from horse_pl.editing.capture import Capture, capture
-from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread, _identity, layer_cosines
+from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread, layer_cosines
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
+from horse_pl.reduction import LOCAL
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Editor(nn.Module):
                        full_rows=0 if training else int(self.micro_batch_rows))
 
     @torch.no_grad()
-    def update_normalizer(self, cap: Capture, all_reduce: AllReduce | None = None) -> None:
+    def update_normalizer(self, cap: Capture, all_reduce: AllReduce = LOCAL) -> None:
         """Fold this batch's ``[k || g]`` rows into each shape's normaliser (training only)."""
         for key, net in self.hypernet.nets.items():
             stats = None
@@ -118,7 +119,7 @@ class Editor(nn.Module):
                     rows = torch.cat((cap.keys[position], cap.value_grads[position]), -1)
                     moments = net.normalizer.moments(rows)
                     stats = moments if stats is None else net.normalizer.combine(stats, moments)
-            if all_reduce is not None:
+            if all_reduce.is_distributed:
                 stats = merge_moments(stats, all_reduce)
             net.normalizer.merge(*stats)
 
@@ -141,7 +142,7 @@ class Editor(nn.Module):
                 residuals.append(torch.cat([p[1] for p in parts]))
         return update_keys, residuals
 
-    def param_shifts(self, cap: Capture, all_reduce: AllReduce = _identity, requires_grad: bool = False,
+    def param_shifts(self, cap: Capture, all_reduce: AllReduce = LOCAL, requires_grad: bool = False,
                      timings: dict[str, float] | None = None) -> EditState:
         """Predict, spread and solve: the parameter shifts for this edit batch (``timings`` gets the seconds
         of ``predict``, ``spread`` and ``solve``)."""
@@ -169,7 +170,7 @@ class Editor(nn.Module):
         return state
 
     def backward(self, cap: Capture, state: EditState, shift_grads: Sequence[torch.Tensor],
-                 all_reduce: AllReduce = _identity) -> None:
+                 all_reduce: AllReduce = LOCAL) -> None:
         """Accumulate hypernetwork gradients of the meta-loss, given the global ``G_W`` of each shift.
 
         Under DDP each process backpropagates its own rows; the parameter gradients are then summed
@@ -200,7 +201,7 @@ class Editor(nn.Module):
                     if d_keys[position] is not None:
                         surrogate = surrogate + (d_keys[position][rows] * update_keys).sum()
                 surrogate.backward()
-        if all_reduce is not _identity:
+        if all_reduce.is_distributed:
             for param in self.parameters():
                 if param.grad is not None:
                     param.grad = all_reduce(param.grad)

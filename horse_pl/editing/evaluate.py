@@ -11,8 +11,9 @@ from torch import nn
 
 from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.shifts import applied
-from horse_pl.editing.spread import AllReduce, _identity
+from horse_pl.editing.spread import AllReduce
 from horse_pl.metrics import SequenceScores, compute_scores, score_batch, score_view
+from horse_pl.reduction import LOCAL
 
 
 @dataclass
@@ -27,7 +28,7 @@ class BatchResult:
 
 
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: dict,
-                   views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = _identity,
+                   views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
                    timings: dict[str, float] | None = None) -> BatchResult:
     """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or, without ``score_before``, only the
     locality view when it is among ``views``: LS_agree needs it) and with the shifts applied; no views, no scoring.

@@ -7,22 +7,13 @@ products over all rows; ``all_reduce`` (a sum across processes) makes them globa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
+from horse_pl.reduction import LOCAL, Reduction
 
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def distributed_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum across processes; differentiable, so the spread's backward pass is global too."""
-    import torch.distributed.nn.functional as dist_fn
-
-    return dist_fn.all_reduce(x)
+AllReduce = Reduction  # the type every stage's ``all_reduce`` argument has
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor, all_reduce: AllReduce) -> torch.Tensor:
@@ -41,7 +32,7 @@ class Spread:
     name = "base"
 
     def __call__(self, residuals: Sequence[torch.Tensor], value_grads: Sequence[torch.Tensor],
-                 all_reduce: AllReduce = _identity) -> list[torch.Tensor]:
+                 all_reduce: AllReduce = LOCAL) -> list[torch.Tensor]:
         raise NotImplementedError
 
 
@@ -59,7 +50,7 @@ class GramSchmidtSpread(Spread):
     def __init__(self, eps: float = 1e-30):
         self.eps = eps
 
-    def __call__(self, residuals, value_grads, all_reduce=_identity):
+    def __call__(self, residuals, value_grads, all_reduce=LOCAL):
         _check_shapes(residuals)
         out = [residuals[0]]
         for r in residuals[1:]:
@@ -79,7 +70,7 @@ class ReferenceSpread(Spread):
     def __init__(self, eps: float = 1e-30):
         self.eps = eps
 
-    def __call__(self, residuals, value_grads, all_reduce=_identity):
+    def __call__(self, residuals, value_grads, all_reduce=LOCAL):
         _check_shapes(residuals)
         out = [residuals[0]]
         for layer in range(1, len(residuals)):
@@ -94,11 +85,11 @@ class NoSpread(Spread):
 
     name = "none"
 
-    def __call__(self, residuals, value_grads, all_reduce=_identity):
+    def __call__(self, residuals, value_grads, all_reduce=LOCAL):
         return list(residuals)
 
 
-def layer_cosines(residuals: Sequence[torch.Tensor], all_reduce: AllReduce = _identity) -> list[float]:
+def layer_cosines(residuals: Sequence[torch.Tensor], all_reduce: AllReduce = LOCAL) -> list[float]:
     """Cosine between consecutive layers' residuals (a spread diagnostic)."""
     out = []
     for a, b in zip(residuals[:-1], residuals[1:]):

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from horse_pl.editing.spread import AllReduce, _identity
+from horse_pl.editing.spread import AllReduce
+from horse_pl.reduction import LOCAL
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -59,20 +60,20 @@ class ParamShiftUpdate:
         """The constructor arguments (saved with exported editors)."""
         return {}
 
-    def factor(self, update_keys, log_lambda, all_reduce: AllReduce = _identity, key_moments=None):
+    def factor(self, update_keys, log_lambda, all_reduce: AllReduce = LOCAL, key_moments=None):
         """Whatever the solve needs that both ``param_shift`` and ``shift_grads`` of one step share (or None)."""
         return None
 
-    def param_shift(self, update_keys, residuals, log_lambda, all_reduce: AllReduce = _identity,
+    def param_shift(self, update_keys, residuals, log_lambda, all_reduce: AllReduce = LOCAL,
                     factor=None) -> torch.Tensor:
         raise NotImplementedError
 
     def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad,
-                    all_reduce: AllReduce = _identity, factor=None) -> ShiftGrads:
+                    all_reduce: AllReduce = LOCAL, factor=None) -> ShiftGrads:
         raise NotImplementedError
 
     def solve(self, update_keys: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor],
-              log_lambdas: Sequence[torch.Tensor], all_reduce: AllReduce = _identity,
+              log_lambdas: Sequence[torch.Tensor], all_reduce: AllReduce = LOCAL,
               key_moments: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list]:
         """The shifts of every edit module (fp32) and the factors their gradients reuse: one solve per module."""
         moments = key_moments or [None] * len(update_keys)
@@ -81,7 +82,7 @@ class ParamShiftUpdate:
                   for k, r, lam, f in zip(update_keys, residuals, log_lambdas, factors)]
         return shifts, factors
 
-    def solve_grads(self, update_keys, residuals, log_lambdas, shifts, shift_grads, all_reduce=_identity,
+    def solve_grads(self, update_keys, residuals, log_lambdas, shifts, shift_grads, all_reduce=LOCAL,
                     factors=None) -> list[ShiftGrads]:
         """:meth:`shift_grads` of every edit module."""
         factors = factors or [None] * len(update_keys)
@@ -147,10 +148,10 @@ class ClosedFormUpdate(ParamShiftUpdate):
     def residuals(self, keys, pseudo_keys, pseudo_grads, lr):
         return keys, -lr * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
 
-    def factor(self, update_keys, log_lambda, all_reduce=_identity, key_moments=None) -> RidgeFactor:
+    def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None) -> RidgeFactor:
         """Cholesky factor of ``S`` (``K^T K`` summed across processes) or of the kernel matrix ``M``."""
         keys = _f(update_keys)
-        one_process = all_reduce is _identity
+        one_process = not all_reduce.is_distributed
         kernel = self.form == "kernel" or (self.form == "auto" and one_process and not self.preserve
                                            and keys.shape[0] < keys.shape[1])
         if kernel and not one_process:
@@ -169,14 +170,14 @@ class ClosedFormUpdate(ParamShiftUpdate):
             gram = gram + self.preserve * _f(key_moments)
         return RidgeFactor(torch.linalg.cholesky(gram), kernel)
 
-    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity, factor=None):
+    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=LOCAL, factor=None):
         factor = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
         if factor.kernel:
             return _f(update_keys).T @ torch.cholesky_solve(_f(residuals), factor.chol)
         rhs = all_reduce(_f(update_keys).T @ _f(residuals))
         return torch.cholesky_solve(rhs, factor.chol)
 
-    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity, factor=None):
+    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=LOCAL, factor=None):
         factor = factor if factor is not None else self.factor(update_keys, log_lambda, all_reduce)
         lam = torch.exp(log_lambda.detach())
         if factor.kernel:
@@ -219,11 +220,11 @@ class JointClosedFormUpdate(ClosedFormUpdate):
     def init_args(self) -> dict:
         return {"preserve": self.preserve, "ridge_per_row": self.ridge_per_row}
 
-    def factor(self, update_keys, log_lambda, all_reduce=_identity, key_moments=None):
+    def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None):
         raise NotImplementedError("JointClosedFormUpdate solves all modules together: use solve().")
 
-    def solve(self, update_keys, residuals, log_lambdas, all_reduce=_identity, key_moments=None):
-        if all_reduce is not _identity:
+    def solve(self, update_keys, residuals, log_lambdas, all_reduce=LOCAL, key_moments=None):
+        if all_reduce.is_distributed:
             raise ValueError("JointClosedFormUpdate needs all key rows in one process; train it on one device, or "
                              "use ClosedFormUpdate under DDP.")
         if self.preserve and key_moments is None:
@@ -245,7 +246,7 @@ class JointClosedFormUpdate(ClosedFormUpdate):
         alpha = torch.cholesky_solve(sum(_f(r) for r in residuals), chol)
         return [ks.T @ alpha for ks in solved], [JointFactor(solved, chol)]
 
-    def solve_grads(self, update_keys, residuals, log_lambdas, shifts, shift_grads, all_reduce=_identity,
+    def solve_grads(self, update_keys, residuals, log_lambdas, shifts, shift_grads, all_reduce=LOCAL,
                     factors=None):
         factor = factors[0] if factors else self.solve(update_keys, residuals, log_lambdas, all_reduce)[1][0]
         pulled = sum(ks @ _f(g) for ks, g in zip(factor.keys_solved, shift_grads))
@@ -265,9 +266,9 @@ class OuterProductUpdate(ParamShiftUpdate):
     def residuals(self, keys, pseudo_keys, pseudo_grads, lr):
         return pseudo_keys, -lr * pseudo_grads
 
-    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=_identity, factor=None):
+    def param_shift(self, update_keys, residuals, log_lambda, all_reduce=LOCAL, factor=None):
         return all_reduce(_f(update_keys).T @ _f(residuals))
 
-    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=_identity, factor=None):
+    def shift_grads(self, update_keys, residuals, log_lambda, shift, shift_grad, all_reduce=LOCAL, factor=None):
         g = _f(shift_grad)
         return ShiftGrads(residuals=_f(update_keys) @ g, update_keys=_f(residuals) @ g.T)
