@@ -26,6 +26,7 @@ ZSRE = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "par
 SCALE = ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "paraphrase", "neighborhood", "portability")
 # the shipped recipes in the glance table, in this order (records named after them)
 GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse_smollm2_zsre_preserve",
+          "horse_smollm2_zsre_joint", "horse_smollm2_zsre_joint512",
           "horse_reference_smollm2_zsre", "malmen_smollm2_zsre", "horse_smollm2_counterfact",
           "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact")
 
@@ -155,10 +156,14 @@ def _scale_section(name: str, r: dict) -> list[str]:
                         + [_f(row.get("answer_rows")), _f(_mean(row.get("residual_fit")), 2),
                            _f(row.get("edit_seconds"), 1), _f(row.get("peak_memory_mb"), 0)])
     out += _table(header, rows) + ["", "*rows*: answer-token rows in the solve (per edit module); *residual fit*: "
-                                   "mean over edit modules of 1 - ||K dW - R~||^2 / ||R~||^2.", ""]
+                                   "mean over edit modules of 1 - ||K dW - R~||^2 / ||R~||^2 (a joint solve: one "
+                                   "number, 1 - ||sum_l K_l dW_l - sum_l R~_l||^2 / ||sum_l R~_l||^2).", ""]
     for editor, result in r["editors"].items():
         args = ", ".join(f"{k}={v}" for k, v in sorted(result.get("update_args", {}).items())
                          if v and (k, v) != ("form", "auto"))
+        stage = result.get("update")
+        args = ", ".join(part for part in ((f"update {stage}" if stage and stage != "closed_form" else ""), args)
+                         if part)
         out.append(f"- `{editor}`: `{result['folder']}`" + (f" with {args}" if args else ""))
     if (RECORDS / f"{name}.png").exists():
         out += ["", f"![{name}](results/{name}.png)"]
