@@ -113,6 +113,26 @@ def tiny_llama(tiny_models) -> str:
     return tiny_models["llama"]
 
 
+def perturbed_editor(shapes, update, moments, learn_lambda: bool = False):
+    """A float64 toy editor whose parameters are moved off their initial values (so every block has a gradient),
+    with the key moments its update stage needs."""
+    from horse_pl.editing.editor import Editor
+    from horse_pl.editing.spread import GramSchmidtSpread
+
+    torch.manual_seed(0)
+    editor = Editor(shapes, rank=5, n_blocks=2, lr=0.1, spread=GramSchmidtSpread(), update=update,
+                    learn_lambda=learn_lambda, chunk_size=4).double()
+    for p in editor.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    editor.bind_key_moments(moments)
+    return editor
+
+
+def cubic_meta_loss(targets):
+    """A meta-loss on the shifts with a non-linear part, for gradient checks."""
+    return lambda shifts: sum(((s - t) ** 2).sum() + s.sum() ** 3 for s, t in zip(shifts, targets))
+
+
 def pipeline_grads(editor, cap, meta_loss) -> dict:
     """Hypernetwork gradients of ``meta_loss(shifts)`` through the editor's own path: shifts without graph,
     ``G_W`` from the loss, the chunked backward (compared against autograd through the solve by the tests)."""

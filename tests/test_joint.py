@@ -3,11 +3,9 @@ editor's chunked backward through it equals autograd."""
 
 import pytest
 import torch
-from conftest import pipeline_grads
+from conftest import cubic_meta_loss, perturbed_editor, pipeline_grads
 
 from horse_pl.editing.capture import Capture
-from horse_pl.editing.editor import Editor
-from horse_pl.editing.spread import GramSchmidtSpread
 from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate
 from horse_pl.reduction import distributed
 
@@ -63,16 +61,9 @@ def test_joint_solve_gradient_equals_autograd():
     mu, per_row = 3.0, 0.1
 
     def make():
-        torch.manual_seed(0)
-        editor = Editor(shapes, rank=5, n_blocks=2, lr=0.1, spread=GramSchmidtSpread(),
-                        update=JointClosedFormUpdate(preserve=mu, ridge_per_row=per_row), chunk_size=4).double()
-        for p in editor.parameters():
-            p.data.add_(0.1 * torch.randn_like(p))
-        editor.bind_key_moments(moments)
-        return editor
+        return perturbed_editor(shapes, JointClosedFormUpdate(preserve=mu, ridge_per_row=per_row), moments)
 
-    def meta_loss(shifts):
-        return sum(((s - t) ** 2).sum() + s.sum() ** 3 for s, t in zip(shifts, targets))
+    meta_loss = cubic_meta_loss(targets)
 
     ref = make()
     rows = [ref._residual_rows(cap, p, slice(None)) for p in range(3)]

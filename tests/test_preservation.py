@@ -5,12 +5,10 @@ moments against a plain computation, and their cache."""
 import numpy as np
 import pytest
 import torch
-from conftest import pipeline_grads
+from conftest import cubic_meta_loss, perturbed_editor, pipeline_grads
 
 from horse_pl.editing.capture import Capture
-from horse_pl.editing.editor import Editor
 from horse_pl.editing.key_stats import cached_key_moments, key_second_moments, preservation_texts
-from horse_pl.editing.spread import GramSchmidtSpread
 from horse_pl.editing.update import ClosedFormUpdate
 from horse_pl.models import load_model
 
@@ -62,17 +60,9 @@ def test_preserving_solve_gradient_equals_autograd(learn_lambda):
     mu, per_row = 5.0, 0.2
 
     def make():
-        torch.manual_seed(0)
-        editor = Editor(shapes, rank=5, n_blocks=2, lr=0.1, spread=GramSchmidtSpread(),
-                        update=ClosedFormUpdate(preserve=mu, ridge_per_row=per_row), learn_lambda=learn_lambda,
-                        chunk_size=4).double()
-        for p in editor.parameters():
-            p.data.add_(0.1 * torch.randn_like(p))
-        editor.bind_key_moments(moments)
-        return editor
+        return perturbed_editor(shapes, ClosedFormUpdate(preserve=mu, ridge_per_row=per_row), moments, learn_lambda)
 
-    def meta_loss(shifts):
-        return sum(((s - t) ** 2).sum() + s.sum() ** 3 for s, t in zip(shifts, targets))
+    meta_loss = cubic_meta_loss(targets)
 
     ref = make()
     rows = [ref._residual_rows(cap, p, slice(None)) for p in range(3)]
