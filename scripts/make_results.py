@@ -28,7 +28,7 @@ SCALE = ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "paraphrase", "neighborh
 GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse_smollm2_zsre_preserve",
           "horse_smollm2_zsre_joint", "horse_smollm2_zsre_joint512",
           "horse_reference_smollm2_zsre", "malmen_smollm2_zsre", "horse_smollm2_counterfact",
-          "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact")
+          "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact", "horse_smollm2_counterfact_joint")
 
 
 def load_records(folder: Path = RECORDS) -> dict[str, dict]:
