@@ -123,7 +123,7 @@ def run_delta(args: argparse.Namespace, sign: float) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite, is_file=False)
     for delta in args.delta:
-        read_delta(delta)  # a missing or damaged delta file is reported before the model is loaded
+        read_delta(delta, tensors=False)  # a missing or foreign delta file is reported before the model is loaded
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     for delta in (args.delta if sign > 0 else list(reversed(args.delta))):
         apply_delta(model, delta, sign=sign)

@@ -26,7 +26,7 @@ from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
 from horse_pl.export import EditorLoadError, load_editor
 from horse_pl.generation import greedy_answers
-from horse_pl.io import write_atomic_dir, write_atomic_file
+from horse_pl.io import first_line, write_atomic_dir, write_atomic_file
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
 from horse_pl.sequential.general import GeneralCheck
@@ -185,8 +185,9 @@ class KnowledgeEditor:
         return write_atomic_file(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite)
 
 
-def read_delta(delta_path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A delta file's metadata and tensors; one-sentence errors for a missing, foreign or damaged file."""
+def read_delta(delta_path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A delta file's metadata and (unless ``tensors=False``, a quick check) its tensors; one-sentence errors for a
+    missing, foreign or damaged file."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(delta_path)
@@ -196,17 +197,14 @@ def read_delta(delta_path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-        tensors = load_file(str(path))
+        if meta.get("format") != DELTA_FORMAT:
+            raise EditorLoadError(f"'{path}' is not a horse_pl delta file; write one with 'edit.py --delta'.")
+        return meta, load_file(str(path)) if tensors else {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise EditorLoadError(f"'{path}' is not a readable safetensors file ({_first_line(err)}); give the file "
+        if isinstance(err, EditorLoadError):
+            raise
+        raise EditorLoadError(f"'{path}' is not a readable safetensors file ({first_line(err)}); give the file "
                               "that 'edit.py --delta' wrote.") from None
-    if meta.get("format") != DELTA_FORMAT:
-        raise EditorLoadError(f"'{path}' is not a horse_pl delta file; write one with 'edit.py --delta'.")
-    return meta, tensors
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def apply_delta(model: torch.nn.Module, delta_path: str | Path, sign: float = 1.0) -> dict:

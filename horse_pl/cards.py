@@ -36,7 +36,7 @@ def editor_card(config) -> str:
              f"| budget | {training.get('global_step')} steps x {training.get('n_edits')} edits, micro-batch "
              f"{training.get('batch_size')}, seed {training.get('seed')} |",
              "| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(config.versions.items())) + " |", ""]
-    scores = {k: v for k, v in validation.get("metrics", {}).items()}
+    scores = validation.get("metrics", {})
     if scores:
         names = [n for n in SCORE_ORDER if f"val/{n}" in scores]
         source = f"; from the run's record `{validation['record']}`" if validation.get("record") else ""

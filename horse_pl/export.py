@@ -23,7 +23,7 @@ from horse_pl.cards import editor_card
 from horse_pl.editing.editor import Editor
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
-from horse_pl.io import write_atomic_dir
+from horse_pl.io import first_line, write_atomic_dir
 from horse_pl.models import parse_dtype
 
 SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
@@ -150,7 +150,7 @@ def load_editor(folder: str | Path, update_args: dict | None = None,
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise EditorLoadError(f"'{weights_path}' is not a readable safetensors file "
-                              f"({(str(err).splitlines() or ['damaged'])[0][:120]}); it is truncated or of another "
+                              f"({first_line(err, 120)}); it is truncated or of another "
                               "kind: export the editor again with 'python train.py export'.") from None
     try:
         editor.load_state_dict(state)
@@ -227,12 +227,11 @@ def read_checkpoint(ckpt_path: str | Path) -> dict:
         raise EditorLoadError(f"Checkpoint '{path}' does not exist{' (it is a folder)' if path.is_dir() else ''}; "
                               "pass a .ckpt file from checkpoints/.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: a resume check reads little
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        raise EditorLoadError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}: {first}); it is truncated, "
-                              "not a Lightning checkpoint, or holds Python objects beyond tensors: use another .ckpt "
-                              "(e.g. an earlier one in the same folder).") from None
+        raise EditorLoadError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}: {first_line(err, 120)}); "
+                              "it is truncated, not a Lightning checkpoint, or holds Python objects beyond tensors: "
+                              "use another .ckpt (e.g. an earlier one in the same folder).") from None
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Literal
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when empty), for one-sentence errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 class OutputError(OSError):
     """An output location that cannot be written (read-only, missing space, a folder where a file goes)."""
 

@@ -21,13 +21,15 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from horse_pl.io import write_atomic_dir
+from horse_pl.io import first_line, write_atomic_dir
 
 DEFAULT_MODEL = "embedded:smollm2-135m"
 
 
 class ModelLoadError(ValueError):
     """A base model that cannot be loaded (missing, damaged or foreign weights, an unreachable hub id)."""
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -147,10 +149,9 @@ def _loading(name: str, part: str):
     except (ModuleNotFoundError, ModelLoadError):
         raise
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ModelLoadError(f"The {part} of '{name}' cannot be loaded ({type(err).__name__}: {first}); pass a Hugging "
-                             "Face folder with config.json, safetensors weights and a tokenizer, a hub id this machine "
-                             "can reach, or an embedded: model.") from None
+        raise ModelLoadError(f"The {part} of '{name}' cannot be loaded ({type(err).__name__}: {first_line(err)}); "
+                             "pass a Hugging Face folder with config.json, safetensors weights and a tokenizer, a hub "
+                             "id this machine can reach, or an embedded: model.") from None
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

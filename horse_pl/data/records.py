@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from horse_pl.io import first_line
+
 FORMATS = ("zsre", "counterfact", "knowedit", "requests")
 
 
@@ -107,7 +109,7 @@ def _hub_records(name: str) -> list[Any]:
         return datasets.load_dataset(name, split="train").to_list()
     except (ConnectionError, OSError, ValueError) as err:  # offline, unknown id, no train split...
         raise RecordError(f"'{name}' is neither a file here nor a Hugging Face dataset that can be loaded "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); check "
+                          f"({type(err).__name__}: {first_line(err, 120)}); check "
                           "the path, or download the dataset to a JSON file where the hub is reachable.") from None
 
 
