@@ -17,7 +17,7 @@ from pathlib import Path
 
 from horse_pl.api import KnowledgeEditor, apply_delta, read_delta
 from horse_pl.cards import edited_model_card
-from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, load_requests
+from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, hold_out_dev, load_requests
 from horse_pl.data.tokenize import TokenizationError
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.export import EditorLoadError
@@ -140,27 +140,35 @@ def run_sequential(args: argparse.Namespace) -> None:
 
     from horse_pl.sequential.runner import SequentialConfig, SequentialRun
 
-    if "horse" in (args.methods or ()) and not args.editor:
-        raise EditorLoadError("The 'horse' sequential method needs --editor (a folder from 'train.py export').")
-    requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid, limit=args.limit)
+    needing = [m for m in (args.methods or ()) if m.startswith("horse")]
+    if needing and not args.editor:
+        raise EditorLoadError(f"The '{needing[0]}' sequential method needs --editor (a folder from 'train.py export').")
+    if args.dev_size:
+        # the development split of a training file: its last dev_size valid records, then the first --limit
+        requests, report = load_requests(args.requests, args.dataset, skip_invalid=True)
+        requests = hold_out_dev(requests, report, args.dev_size)[2][:args.limit]
+    else:
+        requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid,
+                                         limit=args.limit)
     if not requests:
         raise RecordError(f"{args.requests} has no valid edit requests.")
     if report.n_invalid:
         print(f"skipped invalid requests: {report.summary()}", file=sys.stderr)
     cfg = SequentialConfig(**{f.name: getattr(args, f.name) for f in fields(SequentialConfig)
                               if getattr(args, f.name, None) is not None})
-    cfg.extra = {"requests": str(args.requests), "requests_sha256": file_sha256(args.requests), "limit": args.limit}
+    cfg.extra = {"requests": str(args.requests), "requests_sha256": file_sha256(args.requests), "limit": args.limit,
+                 "dev_size": args.dev_size}
     start = time.perf_counter()
 
     def write(folder: Path) -> None:
         result = SequentialRun(cfg, requests, folder).run()
         names = [n for n in ("efficacy", "paraphrase", "neighborhood", "ES", "GS", "LS") if n in result["unedited"]]
-        print(f"{'method':<8}{'when':<12}" + "".join(f"{n:>13}" for n in names)
+        print(f"{'method':<16}{'when':<12}" + "".join(f"{n:>13}" for n in names)
               + f"{'task ret':>11}{'ppl ret':>9}{'seconds':>9}")
-        print(f"{'-':<8}{'unedited':<12}" + "".join(f"{result['unedited'][n]:>13.3f}" for n in names))
+        print(f"{'-':<16}{'unedited':<12}" + "".join(f"{result['unedited'][n]:>13.3f}" for n in names))
         for method, res in result["methods"].items():
             for when in ("post", "after_post"):
-                row = f"{method:<8}{when:<12}" + "".join(f"{res[when].get(n, float('nan')):>13.3f}" for n in names)
+                row = f"{method:<16}{when:<12}" + "".join(f"{res[when].get(n, float('nan')):>13.3f}" for n in names)
                 if when == "after_post":
                     kept = res.get("retention", {})
                     row += f"{_fmt(kept.get('mean')):>11}{_fmt(kept.get('perplexity')):>9}"
@@ -232,8 +240,20 @@ def parser() -> argparse.ArgumentParser:
                    help="extra ridge c N growing with the N key rows (default: the editor's)")
     seq = p.add_argument_group("sequential editing (--sequential): edits accumulate request by request")
     seq.add_argument("--sequential", action="store_true", help="edit the requests one turn after another")
-    seq.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse"),
-                     help="sequential editors to run, each on a fresh base model (default: mose)")
+    seq.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse", "horse_lifelong"),
+                     help="sequential editors to run, each on a fresh base model (default: mose); horse merges each "
+                          "turn's shifts, horse_lifelong's solves also keep earlier turns' keys")
+    seq.add_argument("--dev-size", type=int, default=0,
+                     help="edit the development split of a training file given as --requests: its last N valid "
+                          "records (the ones recipes with data.dev_size N never train on)")
+    seq.add_argument("--keep-edits", type=float,
+                     help="horse_lifelong: weight nu of earlier turns' keys K^T K in each solve (default 1)")
+    seq.add_argument("--lifelong-preserve", type=float,
+                     help="horse_lifelong: weight mu of C0 (unrelated text's keys) in each solve (default: "
+                          "the editor's)")
+    seq.add_argument("--curve-every", type=int,
+                     help="every N edits also score every request edited so far and the general tasks (default 0: "
+                          "only at the end)")
     seq.add_argument("--edit-modules", help="edited layers (default layers:19-21, the paper's MOSE layers)")
     seq.add_argument("--turn-size", type=int, help="requests edited per turn (default 1)")
     seq.add_argument("--diag-every", type=int, help="log stability diagnostics every N edits (default 10)")

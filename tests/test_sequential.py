@@ -101,10 +101,60 @@ def test_horse_turns_merge_each_turns_shifts(editor_dir, tiny_llama):
     horse = HorseTurnEditor(model, editor, config.edit_modules)
     weights = horse.weights()
     for turn in _turns(tok, n=2):
+        # the turn's shifts computed on the model as it is before the turn, then merged
+        with torch.no_grad():
+            expected = editor.param_shifts(editor.capture(model, horse.layers, turn)).param_shifts
         horse.edit(turn)
         now = horse.weights()
-        assert any(not torch.equal(a, b) for a, b in zip(weights, now))
+        for before, after, shift in zip(weights, now, expected):
+            assert shift.abs().max() > 0
+            assert torch.allclose(after, before + shift.T, atol=1e-6)
         weights = now
+
+
+def _shift_on(memory: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
+    """``||K dW||_F^2`` of a turn's shift ``dW`` on the keys whose ``K^T K`` is ``memory``."""
+    shift = (after - before).T.double()
+    return float((shift * (memory @ shift)).sum())
+
+
+def test_lifelong_turns_keep_earlier_edits_keys(editor_dir, tiny_llama):
+    from horse_pl.export import load_editor
+
+    turns = None
+    shares = {}
+    for keep in (0.0, 1e6):
+        model, tok = load_model(tiny_llama)
+        turns = turns or _turns(tok, n=2)
+        editor, config = load_editor(editor_dir / "editor")
+        horse = HorseTurnEditor(model, editor, config.edit_modules, keep_edits=keep, preserve=0.0)
+        assert horse.name == "horse_lifelong"
+        horse.edit(turns[0])
+        first = [m.clone() for m in horse.memory]  # K1^T K1 of each module
+        before = horse.weights()
+        horse.edit(turns[1])
+        after = horse.weights()
+        # the second turn's shift on the first turn's keys, against its size on its own keys
+        shares[keep] = [_shift_on(m1, b, a) / _shift_on(m2 - m1, b, a)
+                        for m1, m2, b, a in zip(first, horse.memory, before, after)]
+    assert min(shares[0.0]) > 1e-3  # forgetting turn 1's keys, turn 2 moves their outputs
+    assert max(shares[1e6]) < 1e-4 * min(shares[0.0])  # keeping them, it leaves them (almost) alone
+
+
+def test_lifelong_without_memory_is_the_plain_turn(editor_dir, tiny_llama):
+    from horse_pl.export import load_editor
+
+    results = []
+    for lifelong in (False, True):
+        model, tok = load_model(tiny_llama)
+        editor, config = load_editor(editor_dir / "editor")
+        kwargs = {"keep_edits": 0.0, "preserve": 0.0} if lifelong else {}
+        horse = HorseTurnEditor(model, editor, config.edit_modules, **kwargs)
+        for turn in _turns(tok, n=2):
+            horse.edit(turn)
+        results.append(horse.weights())
+    for plain, lifelong in zip(*results):
+        assert torch.allclose(plain, lifelong, atol=1e-5)
 
 
 def _config(tiny_llama, methods, **kw):
@@ -131,14 +181,24 @@ def test_runner_scores_after_post_on_the_final_model(tiny_llama, tmp_path):
     assert json.loads((tmp_path / "sequential_report.json").read_text())["n_requests"] == 5
 
 
+def test_runner_curve_scores_the_edits_done_so_far(tiny_llama, tmp_path):
+    requests, _ = load_requests(CF_EVAL, limit=5)
+    run = SequentialRun(_config(tiny_llama, ("ft",), curve_every=2), requests, tmp_path)
+    result = run.run()["methods"]["ft"]
+    assert [(p["n_edits"], p["n_scored"]) for p in result["curve"]] == [(2, 2), (4, 4), (5, 5)]
+    assert result["curve"][-1]["after_post"] == result["after_post"]
+    assert result["curve"][-1]["retention"] == result["retention"]
+    assert all("perplexity" in p["retention"] for p in result["curve"])
+
+
 def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, capsys):
     out = tmp_path / "seq"
-    args = ["--sequential", "--method", "mose", "ft", "horse", "--editor", str(editor_dir / "editor"),
+    args = ["--sequential", "--method", "mose", "ft", "horse", "horse_lifelong", "--editor", str(editor_dir / "editor"),
             "--model", tiny_llama, "--requests", str(CF_EVAL), "--limit", "3", "--edit-modules", "layers:2-3",
             "--steps", "2", "--general-tasks", "sst2", "--general-limit", "6", "--out", str(out)]
     assert edit_main(args) == 0
     report = json.loads((out / "sequential_report.json").read_text())
-    assert set(report["methods"]) == {"mose", "ft", "horse"}
+    assert set(report["methods"]) == {"mose", "ft", "horse", "horse_lifelong"}
     assert "orthogonality_error" in report["methods"]["mose"]["diagnostics"][-1]
     assert (out / "tb" / "mose").is_dir() and (out / "diagnostics.png").exists()
     table = capsys.readouterr().out

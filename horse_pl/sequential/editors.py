@@ -5,7 +5,7 @@
 - :class:`FineTuneEditor` (additive): ``W = W0 + dW`` on the same modules, trained the same way (same steps,
   lr, loss), with the FT-L constraint ``|dW - dW_before| <= norm_constraint`` element-wise per request.
 - :class:`HorseTurnEditor` (additive): a trained HORSE editor applied turn by turn, each turn's shifts
-  merged into the weights before the next.
+  merged into the weights before the next; lifelong, each turn's solve also keeps earlier turns' keys.
 
 Every editor exposes ``edit(micro_batches)`` (the ``edit`` view of one turn) and ``weights()``: the current
 effective weight of each edited module in (d_out, d_in) layout, fp32, for the stability diagnostics.
@@ -158,21 +158,69 @@ class FineTuneEditor:
 
 class HorseTurnEditor:
     """A trained HORSE/MALMEN editor applied turn by turn: each turn's shifts are computed on the current
-    (already edited) model with the same capture/predict/spread/solve code as training, then merged."""
+    (already edited) model with the same capture/predict/spread/solve code as training, then merged.
+
+    Plain (``keep_edits=0``, ``preserve=None``) each turn's solve knows nothing of earlier turns. Lifelong
+    (``keep_edits > 0`` or ``preserve``), each edit module's solve gets the preservation matrix
+    ``mu C0 + nu sum_{earlier turns} K^T K``: ``C0`` the second moment of its keys on unrelated text (weight
+    ``preserve``), ``K`` the update keys of every earlier turn (weight ``keep_edits``), so a turn's least squares
+    also keeps the module's outputs on earlier edits' keys (MEMIT's sequential form; one row of an earlier edit
+    weighs ``keep_edits`` rows of this turn's residual fit).
+
+    Args:
+        key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0).
+        keep_edits: ``nu``, weight of the earlier turns' keys (0: forget them).
+        preserve: ``mu``; None keeps the editor's own preservation weight (and its ``C0``).
+    """
 
     name = "horse"
 
-    def __init__(self, model: nn.Module, editor: nn.Module, edit_modules: Sequence[str]):
+    def __init__(self, model: nn.Module, editor: nn.Module, edit_modules: Sequence[str], keep_edits: float = 0.0,
+                 preserve: float | None = None, key_moments: Sequence[torch.Tensor] | None = None):
+        if keep_edits < 0 or (preserve is not None and preserve < 0):
+            raise ValueError(f"keep_edits ({keep_edits}) and preserve ({preserve}) must be at least 0.")
         self.model, self.editor, self.edit_modules = model, editor, list(edit_modules)
         _freeze(model)
         self.layers = get_modules(model, self.edit_modules)
         self.original = [weight_in_out(m).detach().T.float().clone() for m in self.layers]
+        self.lifelong = keep_edits > 0 or preserve is not None
+        own = getattr(editor.update, "preserve", None)
+        if self.lifelong and own is None:
+            raise ValueError(f"Lifelong editing needs an editor with a closed-form solve; '{editor.update.name}' "
+                             "(MEND's outer product) has none: use a HORSE or MALMEN editor.")
+        self.keep_edits = keep_edits
+        self.preserve = own if preserve is None else preserve
+        self.memory: list[torch.Tensor] = []
+        if self.lifelong:
+            if self.preserve and key_moments is None:
+                raise ValueError(f"Lifelong HORSE with preserve={self.preserve} needs the edit modules' key moments "
+                                 "(horse_pl.editing.key_stats.cached_key_moments).")
+            self.c0 = [m.float() for m in key_moments] if self.preserve else None
+            update = editor.update
+            # the solve's preservation matrix becomes mu C0 + nu sum K^T K (bound before every turn), weight 1
+            editor.update = type(update)(**{**update.init_args(), "preserve": 1.0})
+            self.memory = [torch.zeros(d_in, d_in, dtype=torch.float64) for d_in, _ in editor.hypernet.shapes]
+            self.name = "horse_lifelong"
+
+    def _bind_preservation(self) -> None:
+        matrices = []
+        for position, memory in enumerate(self.memory):
+            matrix = self.keep_edits * memory.float()
+            if self.c0 is not None:
+                matrix = matrix + self.preserve * self.c0[position]
+            matrices.append(matrix.to(self.original[position].device))
+        self.editor.bind_key_moments(matrices)
 
     def edit(self, micro_batches: Sequence[dict]) -> list[float]:
         cap = self.editor.capture(self.model, self.layers, micro_batches)
+        if self.lifelong:
+            self._bind_preservation()
         with torch.no_grad():
             state = self.editor.param_shifts(cap)
         merge(self.layers, state.param_shifts)
+        for memory, keys in zip(self.memory, state.update_keys):
+            keys = keys.detach().to(memory.device, torch.float64)
+            memory += keys.T @ keys
         return [cap.loss]
 
     @torch.no_grad()

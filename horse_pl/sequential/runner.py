@@ -27,7 +27,7 @@ from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEdi
 from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck
 
 log = logging.getLogger(__name__)
-METHODS = ("mose", "ft", "horse")
+METHODS = ("mose", "ft", "horse", "horse_lifelong")
 
 
 @dataclass
@@ -44,7 +44,10 @@ class SequentialConfig:
     n_blocks: int = 4
     radius_scale: float = 1e-5
     norm_constraint: float | None = 5e-4
-    editor: str | None = None  # exported HORSE editor, for the ``horse`` method
+    editor: str | None = None  # exported HORSE editor, for the ``horse`` and ``horse_lifelong`` methods
+    keep_edits: float = 1.0  # horse_lifelong: weight of earlier turns' keys in each turn's solve
+    lifelong_preserve: float | None = None  # horse_lifelong: weight of C0 (None: the editor's own)
+    curve_every: int = 0  # every N edits also score all requests edited so far and the general tasks (0: off)
     general_data: str | None = DEFAULT_GENERAL_DATA
     general_tasks: Sequence[str] = DEFAULT_TASKS
     general_limit: int | None = 200
@@ -61,23 +64,29 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale)
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
-    if method == "horse":
+    if method in ("horse", "horse_lifelong"):
+        from horse_pl.editing.key_stats import bind_preservation, cached_key_moments
         from horse_pl.export import EditorLoadError, load_editor
-        from horse_pl.models import model_fingerprint
+        from horse_pl.models import load_tokenizer, model_fingerprint
 
         if not cfg.editor:
-            raise EditorLoadError("The 'horse' sequential method needs --editor (a folder from 'train.py export').")
+            raise EditorLoadError(f"The '{method}' sequential method needs --editor (a folder from 'train.py export').")
         editor, config = load_editor(cfg.editor)
         if model_fingerprint(model) != config.base_fingerprint:
             raise EditorLoadError(f"The editor '{cfg.editor}' was trained on '{config.base_model}', not on "
                                   f"'{cfg.model}'; pass the editor's base model with --model.")
-        from horse_pl.editing.key_stats import bind_preservation
-        from horse_pl.models import load_tokenizer
-
-        # an editor trained with a preservation term needs its key moments on the unedited model
-        bind_preservation(editor, model, load_tokenizer(cfg.model) if editor.update.needs_key_moments else None,
-                          config.edit_modules, cfg.general_data or DEFAULT_GENERAL_DATA)
-        return HorseTurnEditor(model, editor.to(cfg.device), config.edit_modules)
+        general_data = cfg.general_data or DEFAULT_GENERAL_DATA
+        editor = editor.to(cfg.device)
+        if method == "horse":
+            # an editor trained with a preservation term needs its key moments on the unedited model
+            bind_preservation(editor, model, load_tokenizer(cfg.model) if editor.update.needs_key_moments else None,
+                              config.edit_modules, general_data)
+            return HorseTurnEditor(model, editor, config.edit_modules)
+        preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
+        moments = (cached_key_moments(model, load_tokenizer(cfg.model), config.edit_modules, general_data)
+                   if preserve else None)
+        return HorseTurnEditor(model, editor, config.edit_modules, keep_edits=cfg.keep_edits, preserve=preserve,
+                               key_moments=moments)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
 
@@ -102,7 +111,9 @@ class SequentialRun:
         self.collate = EditCollator(EVAL_VIEWS, cfg.batch_size, self.tokenizer.pad_token_id)
         self.turns = [list(range(s, min(s + cfg.turn_size, len(self.requests))))
                       for s in range(0, len(self.requests), cfg.turn_size)]
-        self.chunks = [list(range(s, min(s + 64, len(self.requests)))) for s in range(0, len(self.requests), 64)]
+        # after-post scoring chunks; with a curve, a size that divides curve_every, so each point scores whole chunks
+        size = max(d for d in range(1, 65) if cfg.curve_every % d == 0) if cfg.curve_every else 64
+        self.chunks = [list(range(s, min(s + size, len(self.requests)))) for s in range(0, len(self.requests), size)]
         # The unedited model: scores of every request, and the locality argmax LS_agree compares against.
         start = time.perf_counter()
         self.turn_locality = [self._locality(model, self._batch(t)) for t in self.turns]
@@ -152,6 +163,17 @@ class SequentialRun:
             history.append(row)
 
         diagnose(0)
+        curve: list[dict] = []
+
+        def curve_point(n_edits: int) -> None:
+            # every request edited so far (whole chunks), scored on the model as it is now
+            row = {"n_edits": n_edits, **self._after_post(model, n_edits)}
+            if self.general is not None:
+                row["retention"] = self.general.retention(self.general.score(model))
+            logger.log_metrics({f"curve/{k}": v for k, v in row["after_post"].items()}, step=n_edits)
+            curve.append(row)
+
+        next_curve = cfg.curve_every or None
         post: dict[str, list[torch.Tensor]] = {}
         per_request_post: list[dict] = [{} for _ in self.requests]
         start, done, next_diag = time.perf_counter(), 0, cfg.diag_every
@@ -172,13 +194,14 @@ class SequentialRun:
             if done >= next_diag or done == len(self.requests):
                 diagnose(done)
                 next_diag = done + cfg.diag_every
+            if next_curve is not None and done >= next_curve and done < len(self.requests):
+                curve_point(done)
+                next_curve = done + cfg.curve_every - done % cfg.curve_every
         sequence_seconds = time.perf_counter() - start
-        after: dict[str, list[torch.Tensor]] = {}
-        for chunk, locality_before in zip(self.chunks, self.chunk_locality):
-            batch = self._batch(chunk)
-            _accumulate(after, compute_scores(score_batch(model, batch, EVAL_VIEWS), locality_before))
-        result = {"post": _summary(post), "after_post": _summary(after), "sequence_seconds": sequence_seconds,
-                  "edit_seconds": edit_seconds, "diagnostics": history, "per_request_post": per_request_post}
+        result = {"post": _summary(post), **self._after_post(model, len(self.requests)),
+                  "sequence_seconds": sequence_seconds, "edit_seconds": edit_seconds,
+                  "seconds_per_edit": edit_seconds / max(done, 1), "diagnostics": history,
+                  "per_request_post": per_request_post}
         logger.log_metrics({f"after_post/{k}": v for k, v in result["after_post"].items()}, step=done)
         if self.general is not None:
             general_after = self.general.score(model)
@@ -186,9 +209,24 @@ class SequentialRun:
             result["retention"] = self.general.retention(general_after)
             logger.log_metrics({f"retention/{k}": v for k, v in result["retention"].items() if v is not None},
                                step=done)
+        if cfg.curve_every:
+            curve.append({"n_edits": done, "n_scored": result["n_scored"], "after_post": result["after_post"],
+                          **({"retention": result["retention"]} if "retention" in result else {})})
+            result["curve"] = curve
         logger.finalize("success")
         self.final_model = model  # the last method's edited model (tests score it independently)
         return result
+
+    def _after_post(self, model, n_edits: int) -> dict:
+        """Scores of the requests in the chunks wholly among the first ``n_edits`` (all of them at the end)."""
+        after: dict[str, list[torch.Tensor]] = {}
+        n_scored = 0
+        for chunk, locality_before in zip(self.chunks, self.chunk_locality):
+            if chunk[-1] >= n_edits:
+                break
+            _accumulate(after, compute_scores(score_batch(model, self._batch(chunk), EVAL_VIEWS), locality_before))
+            n_scored += len(chunk)
+        return {"after_post": _summary(after), "n_scored": n_scored}
 
     def run(self) -> dict:
         for method in self.cfg.methods:
