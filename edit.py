@@ -138,7 +138,7 @@ def run_delta(args: argparse.Namespace, sign: float) -> None:
 def run_sequential(args: argparse.Namespace) -> None:
     from dataclasses import fields
 
-    from horse_pl.sequential.runner import SequentialConfig, SequentialRun
+    from horse_pl.sequential.runner import SequentialConfig, SequentialRun, result_record
 
     needing = [m for m in (args.methods or ()) if m.startswith("horse")]
     if needing and not args.editor:
@@ -162,6 +162,9 @@ def run_sequential(args: argparse.Namespace) -> None:
 
     def write(folder: Path) -> None:
         result = SequentialRun(cfg, requests, folder).run()
+        name = args.record_name or Path(args.out).name
+        record = result_record(result, name, " ".join(["python", "edit.py"] + args.argv), args.config)
+        (folder / f"{name}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         names = [n for n in ("efficacy", "paraphrase", "neighborhood", "ES", "GS", "LS") if n in result["unedited"]]
         print(f"{'method':<16}{'when':<12}" + "".join(f"{n:>13}" for n in names)
               + f"{'task ret':>11}{'ppl ret':>9}{'seconds':>9}")
@@ -175,7 +178,8 @@ def run_sequential(args: argparse.Namespace) -> None:
                     row += f"{res['sequence_seconds']:>9.0f}"
                 print(row)
     write_atomic_dir(args.out, write, "replace" if args.overwrite else "error")
-    print(f"wrote {args.out} (sequential_report.json, diagnostics.png, tb/) in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {args.out} (sequential_report.json, its result record, diagnostics.png, tb/) in "
+          f"{time.perf_counter() - start:.0f} s")
 
 
 def _fmt(value: float | None) -> str:
@@ -261,12 +265,17 @@ def parser() -> argparse.ArgumentParser:
     seq.add_argument("--lr", type=float, help="Adam learning rate for mose/ft (default 5e-4)")
     seq.add_argument("--n-blocks", type=int, help="MOSE: blocks of the orthogonal matrix (default 4)")
     seq.add_argument("--radius-scale", type=float, help="MOSE: ball radius = scale * n^2 / sqrt(blocks) (1e-5)")
+    seq.add_argument("--reference-block", type=int,
+                     help="MOSE: scale the ball to the block, radius = scale * n * REF / sqrt(blocks): the per-entry "
+                          "bound the released formula gives a block of REF (2752: LLaMA-2-7B in 4 blocks)")
     seq.add_argument("--norm-constraint", type=_optional_float,
                      help="ft: per-turn element-wise bound on the weight change, or none (default 5e-4)")
     seq.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general; none to skip)")
     seq.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
     seq.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
     seq.add_argument("--seed", type=int, help="random seed (default 0)")
+    seq.add_argument("--record-name", help="name of the result record written beside the report (default: the "
+                                           "--out folder's name; copy it to docs/results/ to publish it)")
     return p
 
 
@@ -275,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _apply_config(p, argv)
         args = p.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if args.general_data is not None and str(args.general_data).lower() == "none":
             args.general_data = ""
         if args.sequential:

@@ -183,7 +183,22 @@ def _sequential_section(name: str, r: dict) -> list[str]:
                         + [_f(ret.get("mean")), _f(ret.get("perplexity")),
                            _f(res.get("sequence_seconds"), 0) if when == "after_post" else ""])
     out += _table(["method", "when"] + keys + ["task retention", "ppl retention", "seconds"], rows)
-    if (ROOT / "docs" / "mose_counterfact_200.png").exists():
+    curves = {m: res["curve"] for m, res in r["methods"].items() if res.get("curve")}
+    if curves:
+        out += ["", "After-post scores of the requests edited so far, and retention, as the edits accumulate:", ""]
+        crows = [[method, str(p["n_edits"])] + [_f(p["after_post"].get(k)) for k in keys[:3]]
+                 + [_f(p.get("retention", {}).get("mean")), _f(p.get("retention", {}).get("perplexity"))]
+                 for method, points in curves.items() for p in points]
+        out += _table(["method", "edits"] + keys[:3] + ["task retention", "ppl retention"], crows)
+    stab = {m: res["stability"] for m, res in r["methods"].items() if res.get("stability")}
+    if stab:
+        out += ["", "Edited matrices at the end (mean over the method's edit modules): "
+                + "; ".join(f"`{m}` condition number {_f(sum(v['condition_number']) / len(v['condition_number']), 1)}"
+                            f", drift ||W - W0||_F {_f(sum(v['drift']) / len(v['drift']), 2)}" for m, v in stab.items())
+                + "."]
+    if (RECORDS / f"{name}.png").exists():
+        out += ["", f"![{name}](results/{name}.png)"]
+    elif name == "mose_smollm2_counterfact" and (ROOT / "docs" / "mose_counterfact_200.png").exists():
         out += ["", "![stability diagnostics](mose_counterfact_200.png)"]
     return out + ([""] + [r["finding"]] if r.get("finding") else []) + [""]
 

@@ -63,6 +63,20 @@ def test_mose_ball_projection_holds(tiny_llama):
         assert norms.max() >= radius * 0.5  # the large lr pushed against the constraint
 
 
+@pytest.mark.parametrize("reference_block", [None, 48])
+def test_mose_ball_scaled_to_a_reference_block(tiny_llama, reference_block):
+    model, tok = load_model(tiny_llama)
+    mose = MoseEditor(model, MODULES, n_blocks=4, steps=20, lr=5e-1, radius_scale=1e-4, reference_block=reference_block)
+    block = 48 // 4  # the tiny model's down-projections take 48 inputs
+    expected = 1e-4 * block * (reference_block or block) / 2  # scale * n * ref / sqrt(r)
+    assert mose.radius == pytest.approx([expected] * len(MODULES))
+    mose.edit(_turns(tok, n=1)[0])
+    with torch.no_grad():
+        model(**{k: v for k, v in _turns(tok, n=1)[0][0].items() if k != "labels"})
+    for norms in mose.skew_norms():
+        assert expected * 0.5 <= norms.max() <= expected * (1 + 1e-5)
+
+
 def test_mose_rotation_state_persists_across_requests(tiny_llama):
     model, tok = load_model(tiny_llama)
     lr = 1e-3
@@ -195,10 +209,18 @@ def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, 
     out = tmp_path / "seq"
     args = ["--sequential", "--method", "mose", "ft", "horse", "horse_lifelong", "--editor", str(editor_dir / "editor"),
             "--model", tiny_llama, "--requests", str(CF_EVAL), "--limit", "3", "--edit-modules", "layers:2-3",
-            "--steps", "2", "--general-tasks", "sst2", "--general-limit", "6", "--out", str(out)]
+            "--steps", "2", "--general-tasks", "sst2", "--general-limit", "6", "--curve-every", "2", "--out", str(out)]
     assert edit_main(args) == 0
     report = json.loads((out / "sequential_report.json").read_text())
     assert set(report["methods"]) == {"mose", "ft", "horse", "horse_lifelong"}
+    # the result record: summaries, curve and stability of every method, no per-request rows
+    record = json.loads((out / "seq.json").read_text())
+    assert record["kind"] == "sequential" and record["command"].startswith("python edit.py --sequential")
+    for method, result in record["methods"].items():
+        assert result["after_post"] == report["methods"][method]["after_post"]
+        assert [p["n_edits"] for p in result["curve"]] == [2, 3]
+        assert "per_request_post" not in result and len(result["stability"]["condition_number"]) == 2
+    assert (out / "curve.png").stat().st_size > 1000
     assert "orthogonality_error" in report["methods"]["mose"]["diagnostics"][-1]
     assert (out / "tb" / "mose").is_dir() and (out / "diagnostics.png").exists()
     table = capsys.readouterr().out

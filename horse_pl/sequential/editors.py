@@ -59,13 +59,17 @@ class MoseEditor:
         edit_modules: names of the edited linear layers (down-projections).
         n_blocks: blocks of ``Q`` per layer (``r``); the block size is ``d_in / n_blocks``.
         steps, lr: Adam steps and learning rate per request.
-        radius_scale: the Frobenius ball radius is ``radius_scale * n^2 / sqrt(n_blocks)`` (n = block size).
+        radius_scale: the Frobenius ball radius is ``radius_scale * n^2 / sqrt(n_blocks)`` (n = block size), the
+            released formula, set for 7B block sizes.
+        reference_block: scale the ball to the model: ``radius_scale * n * reference_block / sqrt(n_blocks)``, the
+            per-entry bound ``radius / n`` the released formula gives a block of ``reference_block`` (2752: a
+            LLaMA-2-7B down-projection in 4 blocks). None: the released formula as it is.
     """
 
     name = "mose"
 
     def __init__(self, model: nn.Module, edit_modules: Sequence[str], n_blocks: int = 4, steps: int = 20,
-                 lr: float = 5e-4, radius_scale: float = 1e-5):
+                 lr: float = 5e-4, radius_scale: float = 1e-5, reference_block: int | None = None):
         from peft import OFTConfig, inject_adapter_in_model
 
         self.model, self.edit_modules = model, list(edit_modules)
@@ -77,10 +81,14 @@ class MoseEditor:
                                  f"blocks; '{name}' is {type(module).__name__} with input size "
                                  f"{getattr(module, 'in_features', '?')}; choose other edit_modules or n_blocks.")
         self.original = [m.weight.detach().float().clone() for m in base]
+        if reference_block is not None and reference_block < 1:
+            raise ValueError(f"MOSE reference_block must be a positive block size, not {reference_block}.")
         block = base[0].in_features // n_blocks
-        # peft projects onto the ball of radius eps / sqrt(r); MOSE's radius is radius_scale * n^2 / sqrt(r).
+        # peft projects onto the ball of radius eps / sqrt(r); MOSE's radius is radius_scale * n^2 / sqrt(r)
+        # (released) or radius_scale * n * reference_block / sqrt(r) (scaled to the block)
+        eps = radius_scale * block * (reference_block or block)
         config = OFTConfig(r=n_blocks, oft_block_size=0, target_modules=self.edit_modules, coft=True,
-                           eps=radius_scale * block ** 2, use_cayley_neumann=False, init_weights=True,
+                           eps=eps, use_cayley_neumann=False, init_weights=True,
                            module_dropout=0.0, bias="none")
         _freeze(model)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
@@ -88,8 +96,7 @@ class MoseEditor:
         self.params = [layer.oft_R[ADAPTER].weight for layer in self.layers]
         for param in self.params:
             param.requires_grad_(True)
-        self.radius = [radius_scale * (layer.in_features // n_blocks) ** 2 / math.sqrt(n_blocks)
-                       for layer in self.layers]
+        self.radius = [eps / math.sqrt(n_blocks) for _ in self.layers]
 
     def edit(self, micro_batches: Sequence[dict]) -> list[float]:
         return _optimise(self.params, self.model, micro_batches, self.steps, self.lr)

@@ -43,6 +43,7 @@ class SequentialConfig:
     lr: float = 5e-4
     n_blocks: int = 4
     radius_scale: float = 1e-5
+    reference_block: int | None = None  # MOSE: scale the ball to the block (see MoseEditor)
     norm_constraint: float | None = 5e-4
     editor: str | None = None  # exported HORSE editor, for the ``horse`` and ``horse_lifelong`` methods
     keep_edits: float = 1.0  # horse_lifelong: weight of earlier turns' keys in each turn's solve
@@ -61,7 +62,7 @@ class SequentialConfig:
 
 def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
     if method == "mose":
-        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale)
+        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale, cfg.reference_block)
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
     if method in ("horse", "horse_lifelong"):
@@ -234,11 +235,69 @@ class SequentialRun:
             self.report["methods"][method] = self.run_method(method)
             self.write()
         plot_diagnostics(self.report, self.out / "diagnostics.png")
+        if self.cfg.curve_every:
+            plot_curve(self.report, self.out / "curve.png")
         self.write()
         return self.report
 
     def write(self) -> None:
         (self.out / "sequential_report.json").write_text(json.dumps(self.report, indent=2))
+
+
+RECORD_KEYS = ("post", "after_post", "retention", "general_after", "sequence_seconds", "edit_seconds",
+               "seconds_per_edit", "curve")
+
+
+def result_record(report: dict, name: str, command: str, recipe: str | None = None) -> dict:
+    """A small result record of a sequential run (the report without its per-request rows): the summaries,
+    retention, the after-post curve, timing, and the last stability diagnostics of every method."""
+    from horse_pl.records import provenance
+
+    cfg = report["config"]
+    extra = cfg.get("extra", {})
+    split = (f"the development split of {extra.get('requests')} (its last {extra['dev_size']} valid records)"
+             if extra.get("dev_size") else f"{extra.get('requests')}")
+    methods = {}
+    for method, result in report["methods"].items():
+        methods[method] = {k: result[k] for k in RECORD_KEYS if k in result}
+        last = result["diagnostics"][-1]
+        methods[method]["stability"] = {k: v for k, v in last.items() if k != "n_edits"}
+    return {**provenance(command), "kind": "sequential", "name": name, "recipe": recipe,
+            "protocol": f"{report['n_requests']} requests of {split}, {cfg['turn_size']} per turn, never restored; "
+                        "after-post = every request on the final model",
+            "config": {k: v for k, v in cfg.items() if k != "extra"}, "requests": extra,
+            "unedited": report["unedited"], "general_before": report.get("general_before"), "methods": methods}
+
+
+def plot_curve(report: dict, path: Path) -> None:
+    """After-post efficacy (or ES) of the requests edited so far, and general-ability retention, against edits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = "efficacy" if "efficacy" in report["unedited"] else "ES"
+    panels = ((score, f"after-post {score}", "after_post"), ("neighborhood" if score == "efficacy" else "LS_agree",
+              "after-post neighbourhood" if score == "efficacy" else "after-post LS_agree", "after_post"),
+              ("perplexity", "perplexity retention", "retention"), ("mean", "task retention", "retention"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title, where) in zip(axes, panels):
+        for method, result in report["methods"].items():
+            points = [(p["n_edits"], p.get(where, {}).get(key)) for p in result.get("curve", [])]
+            points = [(n, v) for n, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=method)
+        if where == "after_post" and key in report["unedited"]:
+            ax.axhline(report["unedited"][key], color="grey", ls="--", lw=1, label="unedited")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("edits done")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"Lifelong editing: {report['n_requests']} requests, {cfg['turn_size']} per turn", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_diagnostics(report: dict, path: Path) -> None:
