@@ -4,7 +4,7 @@
     python edit.py --editor editors/zsre-smollm2 --requests my_edits.json --out edits.delta.safetensors --delta
     python edit.py apply-delta --model embedded:smollm2-135m --delta edits.delta.safetensors --out edited-model/
     python edit.py revert-delta --model edited-model/ --delta edits.delta.safetensors --out restored-model/
-    python edit.py --sequential --config configs/mose_smollm2_counterfact.yaml --out runs/mose-cf/
+    python edit.py --sequential --config configs/sequential/mose_smollm2_counterfact.yaml --out runs/mose-cf/
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + answer in tokens")
     p.add_argument("--dtype", default="float32", help="dtype of the base model")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda")
-    p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (e.g. configs/mose_*.yaml)")
+    p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (configs/sequential/)")
     p.add_argument("--score", choices=("all", "edit", "none"), default="all",
                    help="all: every view before and after (default); edit: the edit and rephrase prompts after the "
                         "edit (ES, GS, EM); none: no scoring, only the edit")

@@ -264,9 +264,11 @@ def results_md(records: dict[str, dict]) -> str:
         out += ["## Many edits at once (benchmarks/edit_quality.py)", ""]
         for name, r in scale:
             out += _scale_section(name, r)
-    for name, r in records.items():
-        if r.get("kind") == "sequential":
-            out += ["## Sequential editing", ""] + _sequential_section(name, r)
+    sequential = [(n, r) for n, r in records.items() if r.get("kind") == "sequential"]
+    if sequential:
+        out += ["## Sequential and lifelong editing", ""]
+        for name, r in sequential:
+            out += _sequential_section(name, r)
     out += _performance_section(records)
     return "\n".join(out).rstrip() + "\n"
 

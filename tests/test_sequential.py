@@ -232,7 +232,7 @@ def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, 
 def test_sequential_recipes_parse(tmp_path, capsys):
     import edit
 
-    recipes = sorted((ROOT / "configs").glob("mose_*.yaml"))
+    recipes = sorted((ROOT / "configs" / "sequential").glob("*.yaml"))
     assert {r.stem for r in recipes} >= {"mose_smollm2_counterfact", "mose_smollm2_zsre", "mose_llama3_8b_counterfact",
                                          "mose_qwen2_5_7b_counterfact", "mose_llama2_13b_counterfact"}
     for recipe in recipes:

@@ -8,9 +8,8 @@ from conftest import checkpoint_every_step, small_zsre, train_args
 
 from horse_pl.cli import cli, main
 
-# train.py recipes; configs/mose_*.yaml are edit.py --sequential recipes (parsed in test_sequential.py)
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                 if not p.name.startswith("mose_"))
+# train.py recipes; configs/sequential/ holds edit.py --sequential recipes (parsed in test_sequential.py)
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def _params(module) -> dict[str, torch.Tensor]:

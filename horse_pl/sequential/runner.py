@@ -32,7 +32,7 @@ METHODS = ("mose", "ft", "horse", "horse_lifelong")
 
 @dataclass
 class SequentialConfig:
-    """Settings of one sequential run (``edit.py --sequential``; recipes in ``configs/mose_*.yaml``)."""
+    """Settings of one sequential run (``edit.py --sequential``; recipes in ``configs/sequential/``)."""
 
     methods: Sequence[str] = ("mose",)
     model: str = "embedded:smollm2-135m"
