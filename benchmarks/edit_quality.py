@@ -121,7 +121,7 @@ def evaluate(args) -> dict:
     import torch
 
     from horse_pl.api import KnowledgeEditor
-    from horse_pl.data.datamodule import EVAL_VIEWS
+    from horse_pl.data.batch import EVAL_VIEWS
     from horse_pl.edit_modules import get_modules
     from horse_pl.editing.evaluate import edit_and_score
     from horse_pl.editing.key_stats import bind_preservation

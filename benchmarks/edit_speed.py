@@ -50,13 +50,13 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement (``edit`` or ``floor``) for one N, in this process."""
     import torch
 
-    from horse_pl.data.datamodule import EditCollator, tokenize_requests
+    from horse_pl.data.batch import edit_batch
     from horse_pl.data.records import load_requests
     from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
     from horse_pl.editing.editor import Editor
-    from horse_pl.editing.lm import answer_ce
     from horse_pl.editing.shifts import merge
     from horse_pl.export import load_editor
+    from horse_pl.lm import answer_ce
     from horse_pl.models import load_model, parse_dtype
 
     torch.manual_seed(0)
@@ -76,9 +76,7 @@ def worker(args: argparse.Namespace) -> dict:
     if len(requests) < args.worker_n:
         raise SystemExit(f"{args.data} has {len(requests)} valid requests, fewer than N={args.worker_n}.")
     requests = requests[:args.worker_n]
-    table = tokenize_requests(tok, requests, ("edit",), 256)
-    batch = EditCollator(("edit",), args.batch_size, tok.pad_token_id)([table[i] for i in range(len(table))])
-    micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in batch["edit"]]
+    micro_batches = edit_batch(tok, requests, ("edit",), args.batch_size).to(device)["edit"].micro_batches
     warm = micro_batches[:1]
     for param in model.parameters():
         param.requires_grad_(False)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
+from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch
 from horse_pl.data.records import EditRequest, RecordError
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
 from horse_pl.editing.evaluate import edit_and_score
@@ -84,14 +84,10 @@ class KnowledgeEditor:
         instance.timings["load"] = time.perf_counter() - start
         return instance
 
-    def batches(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256) -> dict:
+    def batches(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256) -> EditBatch:
         """All requests as one edit batch of micro-batches (the unit the closed-form solve needs)."""
-        table = tokenize_requests(self.tokenizer, requests, EVAL_VIEWS, max_length, where="request")
-        batch = EditCollator(EVAL_VIEWS, batch_size, self.tokenizer.pad_token_id)([table[i] for i in range(len(table))])
-        device = next(self.model.parameters()).device
-        for view in EVAL_VIEWS:
-            batch[view] = [{k: v.to(device) for k, v in mb.items()} for mb in batch[view]]
-        return batch
+        batch = edit_batch(self.tokenizer, requests, EVAL_VIEWS, batch_size, max_length)
+        return batch.to(next(self.model.parameters()).device)
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,

@@ -60,7 +60,7 @@ def cli(args=None, run: bool = True, save_config: bool = True) -> HorseCLI:
     writes no ``config.yaml`` into the run folder, which may be a user's real run."""
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    # The data module shards each global edit batch itself (see shard_batch), so Lightning must not
+    # The data module shards each global edit batch itself (see EditBatch.shard), so Lightning must not
     # replace its sampler with a DistributedSampler; and evaluating an editor needs gradients (the edit
     # prompts' value gradients), which torch.inference_mode, Lightning's default for validate/test, forbids.
     saving = {"save_config_kwargs": {"overwrite": True}} if save_config else {"save_config_callback": None}

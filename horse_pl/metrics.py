@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
+from horse_pl.data.batch import EditBatch, View
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.editing.lm import answer_logits
+from horse_pl.lm import answer_logits
 
 SCORE_NAMES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "portability", "efficacy", "paraphrase",
                "neighborhood")
@@ -38,10 +39,10 @@ class SequenceScores:
 
 
 @torch.no_grad()
-def score_view(model: nn.Module, micro_batches: list[dict], rows: torch.Tensor) -> SequenceScores:
+def score_view(model: nn.Module, view: View) -> SequenceScores:
     """Teacher-forced scores of every sequence of a view."""
     acc, exact, logprob, argmax = [], [], [], []
-    for mb in micro_batches:
+    for mb in view:
         logits, labels = answer_logits(model, mb)
         seq = (mb["labels"] != IGNORE_INDEX).nonzero()[:, 0]  # sequence of each answer token
         n_seq = mb["labels"].shape[0]
@@ -54,7 +55,7 @@ def score_view(model: nn.Module, micro_batches: list[dict], rows: torch.Tensor) 
         exact.append((n_right == n_tok).float())
         logprob.append(torch.zeros(n_seq, device=seq.device).index_add_(0, seq, token_lp) / n_tok)
         argmax.append(pred)
-    return SequenceScores(rows, _cat(acc), _cat(exact), _cat(logprob), argmax)
+    return SequenceScores(view.rows, _cat(acc), _cat(exact), _cat(logprob), argmax)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -101,9 +102,9 @@ def compute_scores(
     return out
 
 
-def score_batch(model: nn.Module, batch: dict, views: tuple[str, ...]) -> dict[str, SequenceScores]:
+def score_batch(model: nn.Module, batch: EditBatch, views: tuple[str, ...]) -> dict[str, SequenceScores]:
     """Score every requested view present in an edit batch."""
-    return {v: score_view(model, batch[v], batch[f"{v}_rows"]) for v in views if v in batch and batch[v]}
+    return {v: score_view(model, batch[v]) for v in views if batch.get(v)}
 
 
 def make_metrics() -> MetricCollection:

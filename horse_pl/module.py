@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import RichProgressBar
 
 from horse_pl.callbacks import SaveLastOnSigterm, StepProgressBar
-from horse_pl.data.datamodule import EVAL_VIEWS, shard_batch
+from horse_pl.data.batch import EVAL_VIEWS, EditBatch
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
 from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
-from horse_pl.editing.lm import answer_ce, answer_logits
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
+from horse_pl.lm import answer_ce, answer_logits
 from horse_pl.metrics import make_metrics, update_metrics
 from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
 from horse_pl.reduction import LOCAL, Reduction, distributed
@@ -168,10 +168,10 @@ class EditorModule(L.LightningModule):
             return LOCAL
         return distributed()
 
-    def _local(self, batch: dict) -> dict:
+    def _local(self, batch: EditBatch) -> EditBatch:
         if self._trainer is None:
             return batch
-        return shard_batch(batch, self.trainer.global_rank, self.trainer.world_size)
+        return batch.shard(self.trainer.global_rank, self.trainer.world_size)
 
     def compute_shifts(self, micro_batches, training: bool = False, times: dict | None = None) -> tuple:
         """Capture, (normaliser update when training), predict, spread, solve: this batch's parameter shifts."""
@@ -185,7 +185,7 @@ class EditorModule(L.LightningModule):
             state = self.editor.param_shifts(cap, reduce, requires_grad=training)
         return cap, state
 
-    def meta_losses(self, batch: dict, state: EditState) -> dict[str, float]:
+    def meta_losses(self, batch: EditBatch, state: EditState) -> dict[str, float]:
         """Generalisation and locality losses with the shifts applied; backward into the shifts' ``.grad``."""
         hp = self.hparams
         base_logits = []
@@ -226,14 +226,14 @@ class EditorModule(L.LightningModule):
             # would average after the first of the chunked backward passes instead.
             self.trainer.strategy.model.require_backward_grad_sync = False
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: EditBatch, batch_idx: int) -> None:
         times: dict[str, float] = {}
         optimizer = self.optimizers()
         local, reduce = self._local(batch), self.all_reduce
-        cap, state = self.compute_shifts(local["edit"], training=True, times=times)
+        cap, state = self.compute_shifts(local["edit"].micro_batches, training=True, times=times)
         with self._timed(times, "losses"):
             losses = self.meta_losses(local, state)
-        self.log("train/meta_lr", optimizer.param_groups[0]["lr"], batch_size=batch["n_edits"])  # this step's rate
+        self.log("train/meta_lr", optimizer.param_groups[0]["lr"], batch_size=batch.n_edits)  # this step's rate
         with self._timed(times, "update"):
             shift_grads = [reduce(s.grad) for s in state.param_shifts]  # G_W of the global loss
             self.editor.backward(cap, state, shift_grads, reduce)
@@ -246,7 +246,7 @@ class EditorModule(L.LightningModule):
         self._log_step(batch, cap.loss, losses, state, times)
 
     def _log_step(self, batch, edit_loss, losses, state, times) -> None:
-        n = batch["n_edits"]
+        n = batch.n_edits
         # each process holds some micro-batches: the logged losses are sums over all of them
         self.log("train/gen_loss", losses["gen_loss"], prog_bar=True, batch_size=n, sync_dist=True, reduce_fx="sum")
         self.log("train/loc_loss", losses["loc_loss"], prog_bar=True, batch_size=n, sync_dist=True, reduce_fx="sum")
@@ -263,7 +263,7 @@ class EditorModule(L.LightningModule):
         self.log("time/step", sum(times.values()), batch_size=n)
 
     # ------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: dict, metrics) -> None:
+    def _evaluate(self, batch: EditBatch, metrics) -> None:
         # the unedited model's scores are computed once, on the first full evaluation
         result = edit_and_score(self.editor, self.lm, self.edit_modules, self._local(batch), EVAL_VIEWS,
                                 score_before=not self._baseline_done, all_reduce=self.all_reduce)
@@ -271,10 +271,10 @@ class EditorModule(L.LightningModule):
             update_metrics(self.pre_metrics, result.values_before)
         update_metrics(metrics, result.values_after)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: EditBatch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: EditBatch, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
 
     def _log_metrics(self, metrics, prefix: str) -> None:

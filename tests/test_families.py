@@ -55,13 +55,12 @@ def test_family_runs_the_whole_chain(kind, tiny_models, tmp_path):
         assert torch.equal(applied.state_dict()[name], edited.state_dict()[name]), name
         assert torch.equal(restored.state_dict()[name], value), name
 
-    from horse_pl.data.datamodule import EditCollator, tokenize_requests
+    from horse_pl.data.batch import edit_batch
     from horse_pl.sequential.editors import MoseEditor
 
     mose = MoseEditor(base, names, n_blocks=4, steps=3, lr=5e-2, radius_scale=1e-2)
     cf, _ = load_requests(CF_EVAL, limit=1)
-    table = tokenize_requests(tokenizer, cf, ("edit",), 128)
-    mose.edit(EditCollator(("edit",), 8, tokenizer.pad_token_id)([table[0]])["edit"])
+    mose.edit(edit_batch(tokenizer, cf[:1], ("edit",), 8, 128)["edit"].micro_batches)
     for w, w0 in zip(mose.weights(), mose.original):
         assert not torch.equal(w, w0)
         s0, s1 = torch.linalg.svdvals(w0.double()), torch.linalg.svdvals(w.double())

@@ -305,7 +305,7 @@ def test_fused_linear_cross_entropy_equals_logits_then_cross_entropy(bias, softc
     """The blocked cross-entropy that never holds the full logits gives the loss and d loss / d hidden of
     ``F.cross_entropy(output(hidden), labels, reduction="sum")``, with a bias and a Gemma-style softcap, also
     for large logits whose per-block maxima differ widely (the running log-sum-exp is rescaled)."""
-    from horse_pl.editing import lm as lm_passes
+    from horse_pl.lm import cross_entropy as lm_passes
 
     torch.manual_seed(0)
     output = torch.nn.Linear(16, 300, bias=bias).requires_grad_(False)
@@ -334,8 +334,9 @@ def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kin
     keeps the row order, and capture in groups equals capture of the whole padded micro-batch."""
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, resolve_edit_modules
-    from horse_pl.editing import lm as lm_passes
     from horse_pl.editing.capture import capture
+    from horse_pl.lm import passes as lm_passes
+    from horse_pl.lm import rows as lm_rows
     from horse_pl.models import load_model
 
     model, tok = load_model(tiny_models[kind])
@@ -349,16 +350,16 @@ def test_trimmed_row_groups_give_the_padded_micro_batch_results(tiny_models, kin
     assert lm_passes.row_groups(mb, overhead=10**9)[0]["input_ids"].shape == mb["input_ids"].shape
 
     with torch.no_grad():
-        monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 10**9)
+        monkeypatch.setattr(lm_rows, "GROUP_OVERHEAD_TOKENS", 10**9)
         padded, labels = lm_passes.answer_logits(model, mb)
-        monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 0)
+        monkeypatch.setattr(lm_rows, "GROUP_OVERHEAD_TOKENS", 0)
         grouped, grouped_labels = lm_passes.answer_logits(model, mb)
     assert torch.equal(labels, grouped_labels)
     torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-5)
 
     modules = get_modules(model, resolve_edit_modules(model, "last:2"))
     cap = capture(model, modules, [mb])  # in groups (overhead 0)
-    monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 10**9)
+    monkeypatch.setattr(lm_rows, "GROUP_OVERHEAD_TOKENS", 10**9)
     whole = capture(model, modules, [mb])
     assert cap.loss == pytest.approx(whole.loss, rel=1e-5)
     for i in range(len(modules)):
@@ -402,8 +403,8 @@ def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monke
 
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, mlp_output_modules, resolve_edit_modules, weight_shape
-    from horse_pl.editing import lm as lm_passes
     from horse_pl.editing.capture import capture
+    from horse_pl.lm import passes as lm_passes
     from horse_pl.models import load_model
 
     model, tok = load_model(tiny_models[kind])
@@ -440,7 +441,7 @@ def test_last_mlp_at_answer_rows_only_changes_no_result(tiny_models, kind, monke
 
 
 def test_shared_prefix_length_stops_at_a_difference_padding_or_label():
-    from horse_pl.editing.lm import shared_prefix_length
+    from horse_pl.lm.prefix import shared_prefix_length
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 3, 0, 0], [5, 6, 7, 8, 2, 4]])
     mask = (torch.arange(6) < torch.tensor([[5], [4], [6]])).long()
@@ -463,7 +464,8 @@ def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkey
     (right padding, different lengths; the tiny Gemma 3's sliding window is shorter than the rows)."""
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
-    from horse_pl.editing import lm as lm_passes
+    from horse_pl.lm import passes as lm_passes
+    from horse_pl.lm import rows as lm_rows
     from horse_pl.models import load_model
 
     model, tok = load_model(tiny_models[kind])
@@ -471,7 +473,7 @@ def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkey
     prompts = [f"{template} who wrote Hamlet?", f"{template} when?", f"{template} which river flows through Paris?"]
     answers = ["William Shakespeare", "In 1603 or so", "The Seine"]
     group = collate(tokenize_pairs(tok, prompts, answers, max_length=1024), tok.pad_token_id)
-    monkeypatch.setattr(lm_passes, "GROUP_OVERHEAD_TOKENS", 0)
+    monkeypatch.setattr(lm_rows, "GROUP_OVERHEAD_TOKENS", 0)
     prefix = lm_passes.shared_prefix_length(group)
     assert prefix >= 10 and not bool(group["attention_mask"].all())
     modules = get_modules(model, resolve_edit_modules(model, "last:2"))

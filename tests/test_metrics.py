@@ -2,6 +2,7 @@
 
 import torch
 
+from horse_pl.data.batch import View
 from horse_pl.data.tokenize import collate, tokenize_pairs
 from horse_pl.metrics import SequenceScores, compute_scores, make_metrics, score_view, update_metrics
 from horse_pl.models import load_model
@@ -18,7 +19,7 @@ def _batch(tokenizer):
 def test_token_accuracy_and_exact_match_by_hand(tiny_llama):
     model, tok = load_model(tiny_llama)
     mb = _batch(tok)
-    scores = score_view(model, [mb], torch.arange(len(PROMPTS)))
+    scores = score_view(model, View([mb], torch.arange(len(PROMPTS))))
     logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
     for i in range(len(PROMPTS)):
         mask = mb["labels"][i] != -100
@@ -40,7 +41,7 @@ def test_exact_match_equals_greedy_generation(tiny_llama):
         gen = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False,
                              pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
         toks.append(Tokenized(input_ids=ids + gen[:-1], labels=[IGNORE_INDEX] * (len(ids) - 1) + gen))
-    scores = score_view(model, [collate(toks, tok.pad_token_id)], torch.arange(len(toks)))
+    scores = score_view(model, View([collate(toks, tok.pad_token_id)], torch.arange(len(toks))))
     seen = set()
     for i, t in enumerate(toks):
         n_prompt = len(t.input_ids) + 1 - len(t.answer_ids)

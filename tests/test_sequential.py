@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import CF_EVAL
 
-from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
+from horse_pl.data.batch import EVAL_VIEWS, edit_batch
 from horse_pl.data.records import load_requests
 from horse_pl.metrics import compute_scores, score_batch
 from horse_pl.models import load_model
@@ -22,9 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _turns(tokenizer, n=3, per_turn=1):
     requests, _ = load_requests(CF_EVAL, limit=n)
-    table = tokenize_requests(tokenizer, requests, ("edit",), 128)
-    collate = EditCollator(("edit",), 8, tokenizer.pad_token_id)
-    return [collate([table[j] for j in range(i, min(i + per_turn, n))])["edit"] for i in range(0, n, per_turn)]
+    return [edit_batch(tokenizer, requests[i:i + per_turn], ("edit",), 8, 128)["edit"].micro_batches
+            for i in range(0, n, per_turn)]
 
 
 def test_mose_rotation_is_orthogonal_and_keeps_the_spectrum(tiny_llama):
@@ -184,8 +183,7 @@ def test_runner_scores_after_post_on_the_final_model(tiny_llama, tmp_path):
     assert [d["n_edits"] for d in result["diagnostics"]] == [0, 2, 4, 5]
     # after-post = every request scored on the final model, against the unedited locality argmax
     tok = run.tokenizer
-    table = tokenize_requests(tok, requests, EVAL_VIEWS, 256)
-    batch = EditCollator(EVAL_VIEWS, 32, tok.pad_token_id)([table[i] for i in range(5)])
+    batch = edit_batch(tok, requests[:5], EVAL_VIEWS, 32, 256)
     values = compute_scores(score_batch(run.final_model, batch, EVAL_VIEWS), run.chunk_locality[0])
     for name in ("ES", "GS", "LS", "LS_agree", "efficacy", "paraphrase", "neighborhood"):
         assert result["after_post"][name] == pytest.approx(float(values[name].mean()), abs=1e-6), name

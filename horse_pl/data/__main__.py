@@ -10,7 +10,7 @@ import argparse
 import statistics
 import sys
 
-from horse_pl.data.datamodule import EVAL_VIEWS, tokenize_requests
+from horse_pl.data.batch import EVAL_VIEWS, tokenize_requests
 from horse_pl.data.records import FORMATS, RecordError, find_conflicts, load_requests
 from horse_pl.data.tokenize import IGNORE_INDEX, TokenizationError
 from horse_pl.models import DEFAULT_MODEL, load_tokenizer

@@ -1,21 +1,14 @@
-"""The LightningDataModule: one edit batch of ``n_edits`` requests per step, split into micro-batches.
+"""The LightningDataModule: one :class:`~horse_pl.data.batch.EditBatch` of ``n_edits`` requests per step.
 
-Each batch is a dict of *views*; a view is a list of micro-batches (``input_ids``, ``attention_mask``,
-``labels``) of one kind of sequence:
-
-- ``edit`` (prompt + target), ``rephrase`` (rephrase + target), ``locality`` (unrelated prompt + its answer);
-- for evaluation also ``portability`` and, where the overwritten fact is known, ``edit_true``,
-  ``rephrase_true`` (prompts + the old answer) and ``locality_new`` (unrelated prompt + the new target),
-  used by the CounterFact probability scores.
-
-``{view}_rows`` gives, for each sequence of a view, its position in the edit batch, and ``index`` the
-record index in the data file, so scores can be reported per request.
+The batch's views (edit, rephrase, locality, and for evaluation the CounterFact and portability views) are
+built by :mod:`horse_pl.data.batch`; this module reads the record files, holds out the development split and
+orders the edit batches so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Literal
 
 import datasets
@@ -23,89 +16,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from horse_pl.data.batch import EVAL_VIEWS, TRAIN_VIEWS, EditCollator, tokenize_requests
 from horse_pl.data.records import EditRequest, LoadReport, RecordError, hold_out_dev, load_requests
-from horse_pl.data.tokenize import Tokenized, collate, tokenize_pairs
 from horse_pl.models import DEFAULT_MODEL, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-TRAIN_VIEWS = ("edit", "rephrase", "locality")
-EVAL_VIEWS = TRAIN_VIEWS + ("portability", "edit_true", "rephrase_true", "locality_new")
-# view -> (prompt field, answer field) of EditRequest
-VIEW_FIELDS = {
-    "edit": ("prompt", "target"),
-    "rephrase": ("rephrase", "target"),
-    "locality": ("locality_prompt", "locality_answer"),
-    "portability": ("portability_prompt", "portability_answer"),
-    "edit_true": ("prompt", "ground_truth"),
-    "rephrase_true": ("rephrase", "ground_truth"),
-    "locality_new": ("locality_prompt", "target"),
-}
-
-
-def tokenize_requests(
-    tokenizer, requests: Sequence[EditRequest], views: Sequence[str], max_length: int, where: str = "record",
-    record_ids: Sequence[int] | None = None,
-) -> datasets.Dataset:
-    """Tokenise every view of every request into a ``datasets.Dataset`` (an absent view is an empty list)."""
-    columns: dict[str, list] = {"index": list(record_ids) if record_ids is not None else list(range(len(requests)))}
-    for view in views:
-        prompt_field, answer_field = VIEW_FIELDS[view]
-        present = [i for i, r in enumerate(requests)
-                   if getattr(r, prompt_field) is not None and getattr(r, answer_field) is not None]
-        pairs = tokenize_pairs(
-            tokenizer, [getattr(requests[i], prompt_field) for i in present],
-            [getattr(requests[i], answer_field) for i in present], max_length, where=f"{where} ({view})",
-            record_ids=[record_ids[i] if record_ids is not None else i for i in present],
-        ) if present else []
-        ids, labels = [[] for _ in requests], [[] for _ in requests]
-        for i, tok in zip(present, pairs):
-            ids[i], labels[i] = tok.input_ids, tok.labels
-        columns[f"{view}_input_ids"], columns[f"{view}_labels"] = ids, labels
-    return datasets.Dataset.from_dict(columns)
-
-
-class EditCollator:
-    """Turn the rows of one edit batch into views of micro-batches of ``batch_size`` sequences."""
-
-    def __init__(self, views: Sequence[str], batch_size: int, pad_token_id: int):
-        self.views, self.batch_size, self.pad_token_id = tuple(views), batch_size, pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch: dict = {"index": torch.tensor([r["index"] for r in rows]), "n_edits": len(rows)}
-        for view in self.views:
-            present = [(pos, Tokenized(r[f"{view}_input_ids"], r[f"{view}_labels"]))
-                       for pos, r in enumerate(rows) if r[f"{view}_input_ids"]]
-            # Sequences of similar length share a micro-batch, so little compute is spent on padding.
-            present.sort(key=lambda item: len(item[1].input_ids))
-            batch[f"{view}_rows"] = torch.tensor([pos for pos, _ in present], dtype=torch.long)
-            examples = [t for _, t in present]
-            batch[view] = [collate(examples[i:i + self.batch_size], self.pad_token_id)
-                           for i in range(0, len(examples), self.batch_size)]
-        return batch
-
-
-def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
-    """This process's part of a global edit batch under DDP: micro-batches ``rank::world_size`` of every view.
-
-    Every process collates the same global edit batch, so the micro-batches, and with them every loss
-    term, are exactly those of one process on the whole batch; sums all-reduced across processes then
-    give the single-process result.
-    """
-    if world_size == 1:
-        return batch
-    out = dict(batch)
-    for key, micro_batches in batch.items():
-        if isinstance(micro_batches, list):
-            rows, start, kept = batch[f"{key}_rows"], 0, []
-            for i, mb in enumerate(micro_batches):
-                n = mb["input_ids"].shape[0]
-                if i % world_size == rank:
-                    kept.append(rows[start:start + n])
-                start += n
-            out[key] = micro_batches[rank::world_size]
-            out[f"{key}_rows"] = torch.cat(kept) if kept else rows[:0]
-    return out
 
 
 class EditBatchSampler(Sampler[list[int]]):

@@ -1,7 +1,7 @@
 """Capture keys (module inputs) and value gradients (d loss / d module output) of every edit module.
 
 One forward and one backward per micro-batch (per trimmed row group of it, see
-:func:`horse_pl.editing.lm.row_groups`; the loss is still the micro-batch's mean) serve all edit
+:func:`horse_pl.lm.rows.row_groups`; the loss is still the micro-batch's mean) serve all edit
 modules. The LM's weights need no gradient: each edit module's output is made a leaf that requires
 grad, so the backward pass stops at the lowest edit module instead of running through the whole network.
 """
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.editing.lm import group_answer_ce_sum, row_groups
+from horse_pl.lm.passes import group_answer_ce_sum
+from horse_pl.lm.rows import row_groups
 
 
 @dataclass
@@ -37,7 +38,7 @@ def _recording(modules: Sequence[nn.Module], mask: torch.Tensor, dtype: torch.dt
     handles = []
 
     def rows(x: torch.Tensor) -> torch.Tensor:
-        # the last layer's MLP may already run on the masked rows alone (lm.last_mlp_rows)
+        # the last layer's MLP may already run on the masked rows alone (horse_pl.lm.last_mlp)
         return x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
 
     def make_hook(i: int):

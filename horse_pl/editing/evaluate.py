@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from horse_pl.data.batch import EditBatch
 from horse_pl.editing.editor import Editor, EditState
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce
@@ -27,7 +28,7 @@ class BatchResult:
     values_after: dict[str, torch.Tensor]
 
 
-def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: dict,
+def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: EditBatch,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
                    timings: dict[str, float] | None = None) -> BatchResult:
     """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or, without ``score_before``, only the
@@ -36,7 +37,7 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     seconds of capture, predict, spread, solve, score_before and score_after."""
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    cap = editor.capture(lm, modules, batch["edit"])
+    cap = editor.capture(lm, modules, batch["edit"].micro_batches)
     timings["capture"] = time.perf_counter() - start
     state = editor.param_shifts(cap, all_reduce, timings=timings)
     start = time.perf_counter()
@@ -46,8 +47,7 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
         locality_before = before.get("locality")
     else:
         before = None
-        locality_before = (score_view(lm, batch["locality"], batch["locality_rows"])
-                           if "locality" in views and batch.get("locality") else None)
+        locality_before = score_view(lm, batch["locality"]) if "locality" in views else None
     timings["score_before"] = time.perf_counter() - start
     start = time.perf_counter()
     with applied(modules, state.param_shifts):

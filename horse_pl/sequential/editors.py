@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from horse_pl.edit_modules import get_modules, weight_in_out
-from horse_pl.editing.lm import answer_ce
 from horse_pl.editing.shifts import merge, shift_hook
+from horse_pl.lm import answer_ce
 
 ADAPTER = "default"
 

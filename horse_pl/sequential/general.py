@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from horse_pl.data.batch import View
 from horse_pl.data.records import RecordError
 from horse_pl.data.tokenize import IGNORE_INDEX, collate, tokenize_pairs
 from horse_pl.metrics import score_view
@@ -101,7 +102,7 @@ def qa_accuracy(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]]
     total = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        scores = score_view(model, [collate([pairs[i] for i in idx], tokenizer.pad_token_id)], torch.tensor(idx))
+        scores = score_view(model, View([collate([pairs[i] for i in idx], tokenizer.pad_token_id)], torch.tensor(idx)))
         total += float(scores.accuracy.sum())
     return total / max(1, len(pairs))
 
@@ -118,7 +119,7 @@ def choice_accuracy(model: nn.Module, tokenizer, examples: Sequence[ChoiceExampl
     logprob = torch.empty(len(pairs))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        scores = score_view(model, [collate([pairs[i] for i in idx], tokenizer.pad_token_id)], torch.tensor(idx))
+        scores = score_view(model, View([collate([pairs[i] for i in idx], tokenizer.pad_token_id)], torch.tensor(idx)))
         logprob[idx] = scores.mean_logprob.cpu()
     choice_sets = {e.choices for e in examples}
     if calibrate and len(choice_sets) == 1:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from horse_pl.data.datamodule import EVAL_VIEWS, EditCollator, tokenize_requests
+from horse_pl.data.batch import EVAL_VIEWS, EditBatch, EditCollator, tokenize_requests
 from horse_pl.data.records import EditRequest
 from horse_pl.edit_modules import resolve_edit_modules
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
@@ -134,12 +134,12 @@ class SequentialRun:
         self.report["unedited_seconds"] = time.perf_counter() - start
         del model
 
-    def _batch(self, rows: Sequence[int]) -> dict:
+    def _batch(self, rows: Sequence[int]) -> EditBatch:
         return self.collate([self.table[i] for i in rows])
 
     @staticmethod
     def _locality(model, batch):
-        return score_view(model, batch["locality"], batch["locality_rows"]) if batch.get("locality") else None
+        return score_view(model, batch["locality"]) if batch.get("locality") else None
 
     def run_method(self, method: str) -> dict:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -182,7 +182,7 @@ class SequentialRun:
         for turn, locality_before in zip(self.turns, self.turn_locality):
             batch = self._batch(turn)
             t0 = time.perf_counter()
-            editor.edit(batch["edit"])
+            editor.edit(batch["edit"].micro_batches)
             edit_seconds += time.perf_counter() - t0
             done += len(turn)
             values = compute_scores(score_batch(model, batch, EVAL_VIEWS), locality_before)

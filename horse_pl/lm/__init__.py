@@ -1,0 +1,10 @@
+"""Language-model passes used by capture, metrics, training and the sequential editors.
+
+``rows`` (row groups), ``last_mlp`` (the last MLP at answer rows), ``prefix`` (a shared prefix run once),
+``cross_entropy`` (the fused loss) and ``passes`` (answer logits and losses built from them).
+"""
+
+from horse_pl.lm.cross_entropy import linear_cross_entropy
+from horse_pl.lm.passes import answer_ce, answer_logits, group_answer_ce_sum, group_answer_logits
+
+__all__ = ["answer_ce", "answer_logits", "group_answer_ce_sum", "group_answer_logits", "linear_cross_entropy"]

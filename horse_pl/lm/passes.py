@@ -1,0 +1,75 @@
+"""Language-model passes that compute logits only where a label is (the answer positions).
+
+A micro-batch runs as trimmed row groups (:mod:`horse_pl.lm.rows`), with the last MLP at the answer
+positions only (:mod:`horse_pl.lm.last_mlp`) and a prefix common to all rows run once
+(:mod:`horse_pl.lm.prefix`). Losses go through the fused cross-entropy (:mod:`horse_pl.lm.cross_entropy`),
+which never holds the answer tokens' full logits; scoring, which needs them, uses :func:`answer_logits`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from horse_pl.data.tokenize import IGNORE_INDEX
+from horse_pl.lm.cross_entropy import capped_logits, linear_cross_entropy, softcap_of
+from horse_pl.lm.last_mlp import last_mlp_rows
+from horse_pl.lm.prefix import shared_prefix_length
+from horse_pl.lm.rows import row_groups
+
+
+def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor], trim_last_mlp: bool = True,
+                   share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states and labels at the labelled positions of one row group (with ``trim_last_mlp``,
+    the last MLP runs at those positions only; with ``share_prefix``, a prefix common to all rows runs once)."""
+    ids, mask, labels = group["input_ids"], group["attention_mask"], group["labels"]
+    answer = labels != IGNORE_INDEX
+    prefix = shared_prefix_length(group) if share_prefix else 0
+    cache = None
+    if prefix:
+        # the prefix's keys and values, computed once (its own last MLP output is never read)
+        with last_mlp_rows(model, answer.new_zeros(1, prefix)) if trim_last_mlp else nullcontext():
+            cache = model.base_model(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        ids, labels, answer = ids[:, prefix:], labels[:, prefix:], answer[:, prefix:]
+    with last_mlp_rows(model, answer) if trim_last_mlp else nullcontext():
+        hidden = model.base_model(
+            input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
+            past_key_values=cache, use_cache=cache is not None,
+        ).last_hidden_state
+    return hidden[answer], labels[answer]
+
+
+def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32) and labels at the labelled positions of one row group, as (n_tokens, vocab) and (n_tokens,)."""
+    hidden, labels = _answer_hidden(model, group)
+    return capped_logits(model.get_output_embeddings(), hidden, softcap_of(model)), labels
+
+
+def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor], trim_last_mlp: bool = True,
+                        share_prefix: bool = True) -> torch.Tensor:
+    """Summed cross-entropy over the answer tokens of one row group."""
+    hidden, labels = _answer_hidden(model, group, trim_last_mlp, share_prefix)
+    return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, softcap_of(model))
+
+
+def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32) and labels at the labelled positions of a micro-batch, as (n_tokens, vocab) and (n_tokens,).
+
+    Only the answer positions go through the output projection, which for small models with large
+    vocabularies is a sizeable share of the forward pass; rows run in trimmed groups (:func:`row_groups`).
+    """
+    parts = [group_answer_logits(model, group) for group in row_groups(micro_batch)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a micro-batch (its row groups' answer states go through
+    the output projection together: one larger matrix product runs faster than several small ones)."""
+    parts = [_answer_hidden(model, group) for group in row_groups(micro_batch)]
+    hidden, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, softcap_of(model)) / len(labels)
