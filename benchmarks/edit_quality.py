@@ -128,6 +128,7 @@ def evaluate(args) -> dict:
     from horse_pl.editing.shifts import applied
     from horse_pl.export import load_editor
     from horse_pl.sequential.general import GeneralCheck
+    from horse_pl.timing import StageTimer
 
     editors = _editors(args)
     requests, source = split_requests(args)
@@ -165,11 +166,11 @@ def evaluate(args) -> dict:
         for n in args.n:
             start = time.perf_counter()
             batch = ke.batches([requests[i] for i in order[:n]], args.batch_size)
-            timings: dict[str, float] = {}
+            timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
-                                    score_before=str(n) not in report["unedited"], timings=timings)
+                                    score_before=str(n) not in report["unedited"], timer=timer)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
-            row["edit_seconds"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve"))
+            row["edit_seconds"] = sum(timer.seconds[k] for k in ("capture", "predict", "spread", "solve"))
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
             row["residual_fit"] = residual_fit(ke.editor.update, result.state)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)

@@ -19,7 +19,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -39,13 +38,6 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def worker(args: argparse.Namespace) -> dict:
     """One measurement (``edit`` or ``floor``) for one N, in this process."""
     import torch
@@ -58,6 +50,7 @@ def worker(args: argparse.Namespace) -> dict:
     from horse_pl.export import load_editor
     from horse_pl.lm import answer_ce
     from horse_pl.models import load_model, parse_dtype
+    from horse_pl.timing import StageTimer
 
     torch.manual_seed(0)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -93,29 +86,25 @@ def worker(args: argparse.Namespace) -> dict:
         def once() -> dict[str, float]:
             for w in weights:
                 w.grad = None
-            _sync(device)
-            start = time.perf_counter()
-            for mb in micro_batches:
-                answer_ce(model, mb).backward()
-            _sync(device)
-            return {"total": time.perf_counter() - start}
+            timer = StageTimer(device)
+            with timer("total"):
+                for mb in micro_batches:
+                    answer_ce(model, mb).backward()
+            return timer.seconds
         for mb in warm:
             answer_ce(model, mb).backward()
     else:
         def once() -> dict[str, float]:
-            timings: dict[str, float] = {}
-            _sync(device)
-            start = time.perf_counter()
-            cap = editor.capture(model, modules, micro_batches)
-            _sync(device)
-            timings["capture"] = time.perf_counter() - start
+            timer = StageTimer(device)
+            timings = timer.seconds
+            with timer("capture"):
+                cap = editor.capture(model, modules, micro_batches)
             with torch.no_grad():
-                state = editor.param_shifts(cap, timings=timings)
-                t0 = time.perf_counter()
-                merge(modules, state.param_shifts)
-                merge(modules, state.param_shifts, sign=-1.0)  # restore for the next repeat (not timed)
-                _sync(device)
-                timings["merge"] = (time.perf_counter() - t0) / 2
+                state = editor.param_shifts(cap, timer=timer)
+                with timer("merge"):
+                    merge(modules, state.param_shifts)
+                    merge(modules, state.param_shifts, sign=-1.0)  # restore for the next repeat
+                timings["merge"] /= 2  # one merge
             timings["total"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve", "merge"))
             return timings
         with torch.no_grad():

@@ -6,7 +6,8 @@
 
 Runs the recipe's own training loop (``train.py fit``'s model, data and trainer, without validation,
 logger or checkpoints) for ``--warmup + --steps`` edit batches and reports each timed step's split as
-the module logs it (``time/capture``, ``predict``, ``losses``, ``update``: mean and median), the
+the module logs it (``time/capture``, ``normalizer``, ``predict``, ``spread``, ``solve``, ``losses``,
+``backward``, ``optimizer``: :data:`horse_pl.timing.TRAIN_STAGES`; mean and median), the
 floating-point work of one step (counted by ``torch.utils.flop_counter`` on the first warm-up step,
 which is not timed), and this machine's fp32 matrix-product rate on the model's layer shapes, measured
 before and after. Shared machines change speed by more than a few percent from hour to hour; the work
@@ -28,7 +29,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import machine, write_json  # noqa: E402
 
-STAGES = ("capture", "predict", "losses", "update", "step")
+from horse_pl.timing import TRAIN_STAGES  # noqa: E402
+
+STAGES = TRAIN_STAGES + ("step",)  # step: their sum
+
 
 
 def matmul_rate(d_model: int, d_ff: int, tokens: int = 512, seconds: float = 1.0) -> float:

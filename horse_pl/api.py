@@ -30,10 +30,24 @@ from horse_pl.io import first_line, write_atomic_dir, write_atomic_file
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
 from horse_pl.sequential.general import GeneralCheck
+from horse_pl.timing import StageTimer
 
 DELTA_FORMAT = "horse_pl-delta"
 SCORE_MODES = {"all": EVAL_VIEWS, "edit": ("edit", "rephrase"), "none": ()}  # views scored by KnowledgeEditor.edit
 RESTORE_INDEX, RESTORE_VALUE = "{}::restore_index", "{}::restore_value"
+
+
+def save_model(model, tokenizer, out: str | Path, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+    """Save a model and its tokenizer with ``save_pretrained`` (safetensors) and text ``files`` beside them (name ->
+    content) as one folder, atomically: ``out`` holds the old folder or the whole new one, never a part; an
+    existing ``out`` is replaced only with ``overwrite``."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text)
+    write_atomic_dir(out, write, "replace" if overwrite else "error")
+    return Path(out)
 
 
 def weights_sha256(weights: Sequence[torch.Tensor]) -> str:
@@ -106,7 +120,8 @@ class KnowledgeEditor:
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
-                                score_before=score == "all", timings=self.timings)
+                                score_before=score == "all",
+                                timer=StageTimer(next(self.model.parameters()).device, self.timings))
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         shown = list(requests[:examples])
         before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
@@ -152,13 +167,9 @@ class KnowledgeEditor:
             summary[when] = {n: float(values[n].mean()) for n in SCORE_NAMES if n in values and values[n].numel()}
         return {"n_requests": len(requests), "summary": summary, "requests": per_request}
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Save the (edited) model and tokenizer with ``save_pretrained``, atomically."""
-        def write(folder: Path) -> None:
-            self.model.save_pretrained(folder, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
-        write_atomic_dir(out, write, "replace" if overwrite else "error")
-        return Path(out)
+    def save(self, out: str | Path, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+        """Save the (edited) model and tokenizer (see :func:`save_model`)."""
+        return save_model(self.model, self.tokenizer, out, overwrite, files)
 
     def save_delta(self, shifts: Sequence[torch.Tensor], out: str | Path, requests_sha256: str = "",
                    overwrite: bool = False) -> Path:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from horse_pl.reduction import LOCAL, Reduction
+
 
 class RunningMeanStd(nn.Module):
     """Running mean and variance of ``[k || g]`` rows, mergeable across processes.
@@ -163,6 +165,44 @@ class HyperNetwork(nn.Module):
         net, idx = self.net(position)
         return net.lamda.weight[idx, 0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the hypernetwork computes in (its parameters')."""
+        return next(self.parameters()).dtype
+
+    @torch.no_grad()
+    def update_normalizer(self, keys: Sequence[torch.Tensor], value_grads: Sequence[torch.Tensor],
+                          all_reduce: Reduction = LOCAL) -> None:
+        """Fold a batch's ``[k || g]`` rows of every edit module into the normaliser of its shape's network
+        (training only); under DDP the processes' statistics are merged first, so every process folds in the
+        statistics of the whole global batch."""
+        for key, net in self.nets.items():
+            stats = None
+            for position, (slot_key, _) in enumerate(self.slots):
+                if slot_key == key:
+                    moments = net.normalizer.moments(torch.cat((keys[position], value_grads[position]), -1))
+                    stats = moments if stats is None else net.normalizer.combine(stats, moments)
+            if all_reduce.is_distributed:
+                stats = merge_moments(stats, all_reduce)
+            net.normalizer.merge(*stats)
+
+    def add_log_lambda_grad(self, position: int, grad: torch.Tensor) -> None:
+        """Add ``d loss / d log lambda`` of one edit module to its network's ``lamda`` gradient (the update stage
+        computes it in closed form; it is already global under DDP)."""
+        net, idx = self.net(position)
+        if net.lamda.weight.grad is None:
+            net.lamda.weight.grad = torch.zeros_like(net.lamda.weight)
+        net.lamda.weight.grad[idx, 0] += grad
+
     def forward(self, keys: torch.Tensor, value_grads: torch.Tensor, position: int):
         net, idx = self.net(position)
         return net(keys, value_grads, idx)
+
+
+def merge_moments(stats, all_reduce: Reduction):
+    """Merge (count, mean, M2) across processes with sums: the parallel mean/variance rule."""
+    count, mean, m2 = stats
+    total = all_reduce(count.clone())
+    global_mean = all_reduce(mean * count) / total
+    global_m2 = all_reduce(m2 + count * (mean - global_mean) ** 2)
+    return total, global_mean, global_m2

@@ -1,13 +1,12 @@
 """The LightningModule: meta-train the editor hypernetwork around a frozen language model.
 
-One training step = one edit batch: capture, predict, spread, solve, apply, losses, revert, update.
+One training step = one edit batch: capture, normaliser, predict, spread, solve, apply, losses, revert,
+backward, step (:meth:`EditorModule.training_step`).
 Validation edits each eval batch with the current editor and scores it beside the unedited model.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -18,16 +17,17 @@ from lightning.pytorch.callbacks import RichProgressBar
 from horse_pl.callbacks import SaveLastOnSigterm, StepProgressBar
 from horse_pl.data.batch import EVAL_VIEWS, EditBatch
 from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules, weight_shape
-from horse_pl.editing.editor import Editor, EditState
+from horse_pl.editing.editor import Editor
 from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.shifts import applied
-from horse_pl.editing.spread import GramSchmidtSpread, Spread
+from horse_pl.editing.spread import GramSchmidtSpread, Spread, spread_diagnostics
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.lm import answer_ce, answer_logits
 from horse_pl.metrics import make_metrics, update_metrics
 from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
 from horse_pl.reduction import LOCAL, Reduction, distributed
+from horse_pl.timing import StageTimer
 
 
 class FingerprintMismatch(RuntimeError):
@@ -155,12 +155,6 @@ class EditorModule(L.LightningModule):
             )
 
     # ---------------------------------------------------------------- editing
-    @contextmanager
-    def _timed(self, times: dict, name: str):
-        start = time.perf_counter()
-        yield
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
-
     @property
     def all_reduce(self) -> Reduction:
         """Sum across DDP processes (none in a single process)."""
@@ -173,40 +167,30 @@ class EditorModule(L.LightningModule):
             return batch
         return batch.shard(self.trainer.global_rank, self.trainer.world_size)
 
-    def compute_shifts(self, micro_batches, training: bool = False, times: dict | None = None) -> tuple:
-        """Capture, (normaliser update when training), predict, spread, solve: this batch's parameter shifts."""
-        times = {} if times is None else times
-        reduce = self.all_reduce
-        with self._timed(times, "capture"):
-            cap = self.editor.capture(self.lm, self.edit_modules, micro_batches, training=training)
-        with self._timed(times, "predict"):
-            if training:
-                self.editor.update_normalizer(cap, reduce)
-            state = self.editor.param_shifts(cap, reduce, requires_grad=training)
-        return cap, state
+    def locality_reference(self, batch: EditBatch) -> list[torch.Tensor]:
+        """KL locality: the unedited model's log-probabilities at the unrelated answers (nothing for ``ce``)."""
+        if self.hparams.locality != "kl":
+            return []
+        with torch.no_grad():
+            return [torch.log_softmax(answer_logits(self.lm, mb)[0], -1) for mb in batch["locality"]]
 
-    def meta_losses(self, batch: EditBatch, state: EditState) -> dict[str, float]:
-        """Generalisation and locality losses with the shifts applied; backward into the shifts' ``.grad``."""
+    def meta_losses(self, batch: EditBatch, reference: list[torch.Tensor]) -> dict[str, float]:
+        """Generalisation and locality losses of the model as it is (the shifts applied); backward into the
+        shifts' ``.grad``. ``reference``: :meth:`locality_reference`."""
         hp = self.hparams
-        base_logits = []
-        if hp.locality == "kl":
-            with torch.no_grad():
-                base_logits = [answer_logits(self.lm, mb)[0] for mb in batch["locality"]]
         gen_total, loc_total = 0.0, 0.0
-        with applied(self.edit_modules, state.param_shifts):
-            for mb in batch["rephrase"]:
+        for mb in batch["rephrase"]:
+            loss = answer_ce(self.lm, mb)
+            self.manual_backward(loss)
+            gen_total += float(loss.detach())
+        for i, mb in enumerate(batch["locality"]):
+            if hp.locality == "ce":
                 loss = answer_ce(self.lm, mb)
-                self.manual_backward(loss)
-                gen_total += float(loss.detach())
-            for i, mb in enumerate(batch["locality"]):
-                if hp.locality == "ce":
-                    loss = answer_ce(self.lm, mb)
-                else:
-                    logits = answer_logits(self.lm, mb)[0]
-                    base = torch.log_softmax(base_logits[i], -1)
-                    loss = F.kl_div(torch.log_softmax(logits, -1), base, log_target=True, reduction="batchmean")
-                self.manual_backward(hp.loc_coef * loss)
-                loc_total += float(loss.detach())
+            else:
+                logits = answer_logits(self.lm, mb)[0]
+                loss = F.kl_div(torch.log_softmax(logits, -1), reference[i], log_target=True, reduction="batchmean")
+            self.manual_backward(hp.loc_coef * loss)
+            loc_total += float(loss.detach())
         return {"gen_loss": gen_total, "loc_loss": loc_total}
 
     # --------------------------------------------------------------- training
@@ -227,40 +211,52 @@ class EditorModule(L.LightningModule):
             self.trainer.strategy.model.require_backward_grad_sync = False
 
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
-        times: dict[str, float] = {}
-        optimizer = self.optimizers()
-        local, reduce = self._local(batch), self.all_reduce
-        cap, state = self.compute_shifts(local["edit"].micro_batches, training=True, times=times)
-        with self._timed(times, "losses"):
-            losses = self.meta_losses(local, state)
-        self.log("train/meta_lr", optimizer.param_groups[0]["lr"], batch_size=batch.n_edits)  # this step's rate
-        with self._timed(times, "update"):
+        """One edit batch: capture, normaliser, predict + spread + solve, apply, losses, revert, backward, step."""
+        batch, reduce, timer = self._local(batch), self.all_reduce, StageTimer(self.device)
+        with timer("capture"):
+            cap = self.editor.capture(self.lm, self.edit_modules, batch["edit"].micro_batches, training=True)
+        with timer("normalizer"):
+            self.editor.hypernet.update_normalizer(cap.keys, cap.value_grads, reduce)
+        state = self.editor.param_shifts(cap, reduce, requires_grad=True, timer=timer)
+        with timer("losses"):
+            reference = self.locality_reference(batch)
+            with applied(self.edit_modules, state.param_shifts):
+                losses = self.meta_losses(batch, reference)
+        with timer("backward"):
             shift_grads = [reduce(s.grad) for s in state.param_shifts]  # G_W of the global loss
             self.editor.backward(cap, state, shift_grads, reduce)
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:  # manual optimisation: the schedule is stepped here, once per edit batch
-                scheduler.step()
-        self._log_step(batch, cap.loss, losses, state, times)
+        with timer("optimizer"):
+            self.hypernet_step()
+        self._log_step(batch, cap.loss, losses, state, timer.seconds)
 
-    def _log_step(self, batch, edit_loss, losses, state, times) -> None:
+    def hypernet_step(self) -> None:
+        """Clip, step and zero the hypernetwork's optimiser; step the schedule (once per edit batch)."""
+        optimizer = self.optimizers()
+        self.log("train/meta_lr", optimizer.param_groups[0]["lr"], batch_size=1)  # this step's rate
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _log_step(self, batch, edit_loss, losses, state, seconds) -> None:
         n = batch.n_edits
         # each process holds some micro-batches: the logged losses are sums over all of them
         self.log("train/gen_loss", losses["gen_loss"], prog_bar=True, batch_size=n, sync_dist=True, reduce_fx="sum")
         self.log("train/loc_loss", losses["loc_loss"], prog_bar=True, batch_size=n, sync_dist=True, reduce_fx="sum")
         self.log("train/edit_loss_before", edit_loss, batch_size=n, sync_dist=True, reduce_fx="mean")
         self.log("edits", float((self.global_step) * n), prog_bar=True, batch_size=n)
-        for position in range(self.editor.n_modules):
-            layer = layer_index(self.module_names[position])
+        layers = [layer_index(name) for name in self.module_names]
+        for position, layer in enumerate(layers):
             self.log(f"train/lr/layer{layer}", self.editor.hypernet.lr(position).detach(), batch_size=n)
             self.log(f"train/lambda/layer{layer}", self.editor.hypernet.log_lambda(position).detach(), batch_size=n)
-        for name, value in state.diagnostics.items():
+        diagnostics = spread_diagnostics(state.residuals, state.spread_residuals, layers, self.all_reduce)
+        for name, value in diagnostics.items():
             self.log(f"spread/{name}", value, batch_size=n)
-        for name, value in times.items():
+        for name, value in seconds.items():
             self.log(f"time/{name}", value, batch_size=n)
-        self.log("time/step", sum(times.values()), batch_size=n)
+        self.log("time/step", sum(seconds.values()), batch_size=n)
 
     # ------------------------------------------------------------- evaluation
     def _evaluate(self, batch: EditBatch, metrics) -> None:

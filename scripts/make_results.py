@@ -209,9 +209,9 @@ def _performance_section(records: dict[str, dict]) -> list[str]:
         if r.get("kind") == "train_step":
             s = r["seconds"]
             out += [f"### Training step: `{name}`", "", f"`{r['command']}` — {_when(r)}, {r['machine']}.", ""]
-            out += _table(["capture", "predict", "losses", "update", "step (mean / median)", "GFLOP per step",
-                           "matmul GFLOP/s (before / after)"],
-                          [[_f(s[k]["mean"], 2) for k in ("capture", "predict", "losses", "update")]
+            stages = [k for k in s if k != "step"]  # the record's own stage names (older records: update = both)
+            out += _table(stages + ["step (mean / median)", "GFLOP per step", "matmul GFLOP/s (before / after)"],
+                          [[_f(s[k]["mean"], 2) for k in stages]
                            + [f"{s['step']['mean']:.1f} / {s['step'].get('median', s['step']['mean']):.1f} s",
                               _f(r.get("gflop_per_step"), 0),
                               f"{_f(r.get('matmul_gflops_before'), 0)} / {_f(r.get('matmul_gflops_after'), 0)}"]])

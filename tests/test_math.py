@@ -7,11 +7,11 @@ from conftest import FAMILIES, pipeline_grads
 from torch import nn
 
 from horse_pl.editing.capture import Capture
-from horse_pl.editing.editor import Editor, merge_moments
+from horse_pl.editing.editor import Editor
 from horse_pl.editing.shifts import applied, merge
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread
 from horse_pl.editing.update import ClosedFormUpdate, OuterProductUpdate
-from horse_pl.hypernet import EditorNet, RunningMeanStd
+from horse_pl.hypernet import EditorNet, RunningMeanStd, merge_moments
 from horse_pl.reduction import Reduction
 
 

@@ -1,6 +1,6 @@
-"""The editing pipeline as one object shared by training, validation and edit.py.
+"""The editing pipeline as one object shared by training, validation, edit.py and the sequential HORSE editor.
 
-``capture -> predict (hypernetwork, row chunks) -> spread -> param_shifts`` produces the shifts;
+``capture -> predict (hypernetwork, row chunks) -> spread -> solve`` produces the shifts (:meth:`param_shifts`);
 ``backward`` turns ``G_W = dL/d(dW)`` into hypernetwork gradients: first ``dL/dR~`` from the update
 stage, then through the spread by autograd on the (small) residual tensors, then through the
 hypernetwork in row chunks so memory stays bounded for thousands of edits.
@@ -8,18 +8,19 @@ hypernetwork in row chunks so memory stays bounded for thousands of edits.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from horse_pl.editing.capture import Capture, capture
-from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread, layer_cosines
+from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
 from horse_pl.reduction import LOCAL
+from horse_pl.timing import StageTimer
 
 
 @dataclass
@@ -30,7 +31,6 @@ class EditState:
     residuals: list[torch.Tensor]  # before the spread; carry the hypernetwork graph when it was kept
     spread_residuals: list[torch.Tensor]
     param_shifts: list[torch.Tensor]  # fp32, (d_in, d_out)
-    diagnostics: dict[str, float] = field(default_factory=dict)
     graph: tuple | None = None  # (update keys, residuals) with the hypernetwork graph, when kept
     factors: list | None = None  # the update stage's per-module solve factors, reused by the backward pass
 
@@ -109,22 +109,8 @@ class Editor(nn.Module):
         return capture(model, modules, micro_batches, self.positions, self.cache_dtype,
                        full_rows=0 if training else int(self.micro_batch_rows))
 
-    @torch.no_grad()
-    def update_normalizer(self, cap: Capture, all_reduce: AllReduce = LOCAL) -> None:
-        """Fold this batch's ``[k || g]`` rows into each shape's normaliser (training only)."""
-        for key, net in self.hypernet.nets.items():
-            stats = None
-            for position, (slot_key, _) in enumerate(self.hypernet.slots):
-                if slot_key == key:
-                    rows = torch.cat((cap.keys[position], cap.value_grads[position]), -1)
-                    moments = net.normalizer.moments(rows)
-                    stats = moments if stats is None else net.normalizer.combine(stats, moments)
-            if all_reduce.is_distributed:
-                stats = merge_moments(stats, all_reduce)
-            net.normalizer.merge(*stats)
-
     def _residual_rows(self, cap: Capture, position: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.hypernet.nets[self.hypernet.slots[position][0]].blocks[0].A.dtype
+        dtype = self.hypernet.dtype
         keys = cap.keys[position][rows].to(dtype)
         grads = cap.value_grads[position][rows].to(dtype)
         pseudo_keys, pseudo_grads = self.hypernet(keys, grads, position)
@@ -143,35 +129,30 @@ class Editor(nn.Module):
         return update_keys, residuals
 
     def param_shifts(self, cap: Capture, all_reduce: AllReduce = LOCAL, requires_grad: bool = False,
-                     timings: dict[str, float] | None = None) -> EditState:
-        """Predict, spread and solve: the parameter shifts for this edit batch (``timings`` gets the seconds
-        of ``predict``, ``spread`` and ``solve``)."""
-        clock = _Clock(timings, cap.keys[0].device)
+                     timer: StageTimer | None = None) -> EditState:
+        """Predict, spread and solve: the parameter shifts for this edit batch (``timer`` gets the seconds of
+        ``predict``, ``spread`` and ``solve``). With ``requires_grad`` the shifts are leaves whose ``.grad`` the
+        meta-losses fill, and the hypernetwork graph is kept when all rows fit one chunk."""
+        stage = timer if timer is not None else (lambda name: nullcontext())
         keep_graph = requires_grad and cap.n_rows <= self.chunk_size
-        graph_keys, graph_residuals = self.predict(cap, keep_graph)
-        update_keys, residuals = [k.detach() for k in graph_keys], [r.detach() for r in graph_residuals]
-        clock("predict")
-        spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
-        clock("spread")
-        solved, factors = self.update.solve(update_keys, spread_residuals, self.log_lambdas(), all_reduce,
-                                            self.key_moments)
-        shifts = [shift.detach().requires_grad_(requires_grad) for shift in solved]
-        clock("solve")
-        diagnostics = {}
-        before, after = layer_cosines(residuals, all_reduce), layer_cosines(spread_residuals, all_reduce)
-        for layer, (b, a) in enumerate(zip(before, after)):
-            diagnostics[f"cos_{layer}_{layer + 1}/before"] = b
-            diagnostics[f"cos_{layer}_{layer + 1}/after"] = a
-        for layer, r in enumerate(spread_residuals):
-            diagnostics[f"residual_norm/{layer}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
-        state = EditState(update_keys, residuals, spread_residuals, shifts, diagnostics, factors=factors)
+        with stage("predict"):
+            graph_keys, graph_residuals = self.predict(cap, keep_graph)
+            update_keys, residuals = [k.detach() for k in graph_keys], [r.detach() for r in graph_residuals]
+        with stage("spread"):
+            spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
+        with stage("solve"):
+            solved, factors = self.update.solve(update_keys, spread_residuals, self.log_lambdas(), all_reduce,
+                                                self.key_moments)
+            shifts = [shift.detach().requires_grad_(requires_grad) for shift in solved]
+        state = EditState(update_keys, residuals, spread_residuals, shifts, factors=factors)
         if keep_graph:
             state.graph = (graph_keys, graph_residuals)
         return state
 
     def backward(self, cap: Capture, state: EditState, shift_grads: Sequence[torch.Tensor],
                  all_reduce: AllReduce = LOCAL) -> None:
-        """Accumulate hypernetwork gradients of the meta-loss, given the global ``G_W`` of each shift.
+        """Accumulate hypernetwork gradients of the meta-loss, given the global ``G_W`` of each shift: through the
+        solve (the update stage's closed form), the spread (autograd) and the hypernetwork (row chunks).
 
         Under DDP each process backpropagates its own rows; the parameter gradients are then summed
         across processes (``all_reduce``), and the lambda gradient, already global, is added once.
@@ -179,17 +160,30 @@ class Editor(nn.Module):
         grads = self.update.solve_grads(state.update_keys, state.spread_residuals, self.log_lambdas(),
                                         [s.detach() for s in state.param_shifts], shift_grads, all_reduce,
                                         state.factors)
-        d_spread = [g.residuals for g in grads]
-        d_keys = [g.update_keys for g in grads]
-        d_lambda = [g.log_lambda for g in grads]
-        # Through the spread: autograd on the full residual tensors (N x d_out per layer, small).
+        d_residuals = self._through_spread(cap, state, [g.residuals for g in grads], all_reduce)
+        self._through_hypernet(cap, state, d_residuals, [g.update_keys for g in grads])
+        if all_reduce.is_distributed:
+            for param in self.parameters():
+                if param.grad is not None:
+                    param.grad = all_reduce(param.grad)
+        for position, grad in enumerate(g.log_lambda for g in grads):
+            if self.learn_lambda and grad is not None:
+                self.hypernet.add_log_lambda_grad(position, grad)
+
+    def _through_spread(self, cap: Capture, state: EditState, d_spread: Sequence[torch.Tensor],
+                        all_reduce: AllReduce) -> list[torch.Tensor]:
+        """``dL/dR`` from ``dL/dR~``: autograd through the spread on the full residual tensors (N x d_out, small)."""
         leaves = [r.detach().requires_grad_(True) for r in state.residuals]
         with torch.enable_grad():
             spread = self.spread(leaves, cap.value_grads, all_reduce)
-            d_residuals = torch.autograd.grad(spread, leaves, grad_outputs=d_spread, allow_unused=True)
-        # Through the hypernetwork: the kept graph, or chunk by chunk, recomputing each chunk's forward.
+            found = torch.autograd.grad(spread, leaves, grad_outputs=d_spread, allow_unused=True)
+        return [torch.zeros_like(leaf) if d is None else d for d, leaf in zip(found, leaves)]
+
+    def _through_hypernet(self, cap: Capture, state: EditState, d_residuals: Sequence[torch.Tensor],
+                          d_keys: Sequence[torch.Tensor | None]) -> None:
+        """Backpropagate ``dL/dR`` (and ``dL/dK`` where the update keys are predicted) into the hypernetwork:
+        through the kept graph, or chunk by chunk, recomputing each chunk's forward pass."""
         for position in range(self.n_modules):
-            d_res = d_residuals[position] if d_residuals[position] is not None else torch.zeros_like(leaves[position])
             for start in range(0, cap.n_rows, self.chunk_size):
                 rows = slice(start, start + self.chunk_size)
                 with torch.enable_grad():
@@ -197,43 +191,7 @@ class Editor(nn.Module):
                         update_keys, residuals = state.graph[0][position], state.graph[1][position]
                     else:
                         update_keys, residuals = self._residual_rows(cap, position, rows)
-                    surrogate = (d_res[rows] * residuals).sum()
+                    surrogate = (d_residuals[position][rows] * residuals).sum()
                     if d_keys[position] is not None:
                         surrogate = surrogate + (d_keys[position][rows] * update_keys).sum()
                 surrogate.backward()
-        if all_reduce.is_distributed:
-            for param in self.parameters():
-                if param.grad is not None:
-                    param.grad = all_reduce(param.grad)
-        for position, grad in enumerate(d_lambda):
-            if self.learn_lambda and grad is not None:
-                net, idx = self.hypernet.net(position)
-                if net.lamda.weight.grad is None:
-                    net.lamda.weight.grad = torch.zeros_like(net.lamda.weight)
-                net.lamda.weight.grad[idx, 0] += grad
-
-
-class _Clock:
-    """Adds the seconds since the previous call to ``timings[name]`` (synchronising CUDA first)."""
-
-    def __init__(self, timings: dict[str, float] | None, device: torch.device):
-        self.timings, self.device = timings, device
-        self.last = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        if self.timings is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
-        self.last = now
-
-
-def merge_moments(stats, all_reduce: AllReduce):
-    """Merge (count, mean, M2) across processes with sums: the parallel mean/variance rule."""
-    count, mean, m2 = stats
-    total = all_reduce(count.clone())
-    global_mean = all_reduce(mean * count) / total
-    global_m2 = all_reduce(m2 + count * (mean - global_mean) ** 2)
-    return total, global_mean, global_m2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce
 from horse_pl.metrics import SequenceScores, compute_scores, score_batch, score_view
 from horse_pl.reduction import LOCAL
+from horse_pl.timing import StageTimer
 
 
 @dataclass
@@ -30,28 +30,24 @@ class BatchResult:
 
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: EditBatch,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
-                   timings: dict[str, float] | None = None) -> BatchResult:
+                   timer: StageTimer | None = None) -> BatchResult:
     """Compute the shifts of ``batch["edit"]``, score ``views`` unedited (or, without ``score_before``, only the
     locality view when it is among ``views``: LS_agree needs it) and with the shifts applied; no views, no scoring.
-    The model is left unedited. ``timings`` receives the
+    The model is left unedited. ``timer`` receives the
     seconds of capture, predict, spread, solve, score_before and score_after."""
-    timings = {} if timings is None else timings
-    start = time.perf_counter()
-    cap = editor.capture(lm, modules, batch["edit"].micro_batches)
-    timings["capture"] = time.perf_counter() - start
-    state = editor.param_shifts(cap, all_reduce, timings=timings)
-    start = time.perf_counter()
+    timer = StageTimer(next(lm.parameters()).device) if timer is None else timer
+    with timer("capture"):
+        cap = editor.capture(lm, modules, batch["edit"].micro_batches)
+    state = editor.param_shifts(cap, all_reduce, timer=timer)
     views = tuple(v for v in views if batch.get(v))
-    if score_before:
-        before = score_batch(lm, batch, views)
-        locality_before = before.get("locality")
-    else:
-        before = None
-        locality_before = score_view(lm, batch["locality"]) if "locality" in views else None
-    timings["score_before"] = time.perf_counter() - start
-    start = time.perf_counter()
-    with applied(modules, state.param_shifts):
+    with timer("score_before"):
+        if score_before:
+            before = score_batch(lm, batch, views)
+            locality_before = before.get("locality")
+        else:
+            before = None
+            locality_before = score_view(lm, batch["locality"]) if "locality" in views else None
+    with timer("score_after"), applied(modules, state.param_shifts):
         after = score_batch(lm, batch, views)
-    timings["score_after"] = time.perf_counter() - start
     values_before = compute_scores(before, locality_before) if before is not None else None
     return BatchResult(state, before, after, values_before, compute_scores(after, locality_before))

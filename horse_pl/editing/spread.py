@@ -98,3 +98,20 @@ def layer_cosines(residuals: Sequence[torch.Tensor], all_reduce: AllReduce = LOC
         denom = (_inner(a, a, all_reduce) * _inner(b, b, all_reduce)).sqrt()
         out.append(float(_inner(a, b, all_reduce) / denom) if denom > 0 else 0.0)
     return out
+
+
+def spread_diagnostics(residuals: Sequence[torch.Tensor], spread_residuals: Sequence[torch.Tensor],
+                       layers: Sequence[int], all_reduce: AllReduce = LOCAL) -> dict[str, float]:
+    """What the spread did, keyed by the edit modules' real layer indices: the cosine between consecutive
+    edit layers' residuals before and after it (``cos_24_25/before``; pairs of different widths are skipped)
+    and each layer's spread residual norm (``residual_norm/layer24``). Global under DDP (all-reduced sums)."""
+    out: dict[str, float] = {}
+    for i in range(len(residuals) - 1):
+        if residuals[i].shape != residuals[i + 1].shape:
+            continue
+        pair = f"cos_{layers[i]}_{layers[i + 1]}"
+        out[f"{pair}/before"] = layer_cosines(residuals[i:i + 2], all_reduce)[0]
+        out[f"{pair}/after"] = layer_cosines(spread_residuals[i:i + 2], all_reduce)[0]
+    for layer, r in zip(layers, spread_residuals):
+        out[f"residual_norm/layer{layer}"] = float(all_reduce((r.float() ** 2).sum()).sqrt())
+    return out
