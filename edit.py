@@ -1,10 +1,12 @@
 """Apply many edits at once with an exported editor, report before/after, save the model or only a delta.
 
-    python edit.py --editor editors/zsre-smollm2 --requests my_edits.json --out edited-model/
-    python edit.py --editor editors/zsre-smollm2 --requests my_edits.json --out edits.delta.safetensors --delta
+    python edit.py edit --editor editors/zsre-smollm2 --requests my_edits.json --out edited-model/
+    python edit.py edit --editor editors/zsre-smollm2 --requests my_edits.json --out edits.delta.safetensors --delta
     python edit.py apply-delta --model embedded:smollm2-135m --delta edits.delta.safetensors --out edited-model/
     python edit.py revert-delta --model edited-model/ --delta edits.delta.safetensors --out restored-model/
-    python edit.py --sequential --config configs/sequential/mose_smollm2_counterfact.yaml --out runs/mose-cf/
+    python edit.py sequential --config configs/sequential/mose_smollm2_counterfact.yaml --out runs/mose-cf/
+
+Without a command, ``edit`` is meant (``--sequential`` or a recipe with ``sequential: true``: ``sequential``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from horse_pl.api import KnowledgeEditor, apply_delta, read_delta
+from horse_pl.api import KnowledgeEditor, apply_delta, read_delta, save_model
 from horse_pl.cards import edited_model_card
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, hold_out_dev, load_requests
 from horse_pl.data.tokenize import TokenizationError
@@ -88,8 +90,7 @@ def run_edit(args: argparse.Namespace) -> None:
     general = None
     if args.general:
         if not general_data:
-            raise EditorLoadError("--general needs --general-data (the folder with glue_eval/ and "
-                                  "model_editing_hurt/).")
+            raise UsageError("--general needs --general-data (the folder with glue_eval/ and model_editing_hurt/).")
         general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
@@ -108,12 +109,9 @@ def run_edit(args: argparse.Namespace) -> None:
         write_atomic_file(out.with_name(out.name + ".edit_report.json"),
                           lambda tmp: tmp.write_text(json.dumps(edit_report, indent=2)), overwrite=True)
     else:
-        def write(folder: Path) -> None:
-            ke.model.save_pretrained(folder, safe_serialization=True)
-            ke.tokenizer.save_pretrained(folder)
-            (folder / "edit_report.json").write_text(json.dumps(edit_report, indent=2))
-            (folder / "README.md").write_text(edited_model_card(edit_report, ke.config, ke.model_name, args.editor))
-        write_atomic_dir(out, write, "replace" if args.overwrite else "error")
+        ke.save(out, args.overwrite, files={
+            "edit_report.json": json.dumps(edit_report, indent=2),
+            "README.md": edited_model_card(edit_report, ke.config, ke.model_name, args.editor)})
     ke.timings["save"] = time.perf_counter() - start
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ke.timings.items()))
     print(f"wrote {out}")
@@ -127,11 +125,7 @@ def run_delta(args: argparse.Namespace, sign: float) -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     for delta in (args.delta if sign > 0 else list(reversed(args.delta))):
         apply_delta(model, delta, sign=sign)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-    write_atomic_dir(out, write, "replace" if args.overwrite else "error")
+    save_model(model, tokenizer, out, args.overwrite)
     print(f"wrote {out}")
 
 
@@ -140,9 +134,6 @@ def run_sequential(args: argparse.Namespace) -> None:
 
     from horse_pl.sequential.runner import SequentialConfig, SequentialRun, result_record
 
-    needing = [m for m in (args.methods or ()) if m.startswith("horse")]
-    if needing and not args.editor:
-        raise EditorLoadError(f"The '{needing[0]}' sequential method needs --editor (a folder from 'train.py export').")
     if args.dev_size:
         # the development split of a training file: its last dev_size valid records, then the first --limit
         requests, report = load_requests(args.requests, args.dataset, skip_invalid=True)
@@ -190,6 +181,20 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+class UsageError(ValueError):
+    """A command line that cannot run as given (a missing or contradictory option)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become one ``error:`` line (main prints it) instead of usage text and an exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see 'python {self.prog} --help').")
+
+
+COMMANDS = ("edit", "apply-delta", "revert-delta", "sequential")
+
+
 def _apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
     """Defaults from a YAML recipe (``--config``); keys are the long option names (dashes or underscores)."""
     import yaml
@@ -203,37 +208,74 @@ def _apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
     if not path.exists():
         raise FileNotFoundError(f"Config file '{path}' does not exist; check the path given to --config.")
     values = yaml.safe_load(path.read_text()) or {}
+    values.pop("sequential", None)  # recipes written for 'edit.py --sequential' name their command this way
     dests = {a.dest for a in p._actions}
     unknown = [k for k in values if k.replace("-", "_") not in dests]
     if unknown:
-        raise EditorLoadError(f"Config file '{path}' has unknown keys {unknown}; use the long option names of "
-                              "'python edit.py --help'.")
+        raise UsageError(f"Config file '{path}' has unknown keys {unknown}; use the long option names of "
+                         f"'python {p.prog} --help'.")
     p.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", nargs="?", default="edit", choices=("edit", "apply-delta", "revert-delta"))
-    p.add_argument("--editor", help="exported editor folder (python train.py export)")
-    p.add_argument("--requests", help="edit requests: JSON/JSONL(.gz) in the plain, zsRE or CounterFact layout")
-    p.add_argument("--dataset", default="auto", choices=("auto",) + FORMATS, help="layout of --requests")
-    p.add_argument("--model", help="base model (default: the editor's); for deltas, the model to change")
-    p.add_argument("--delta", nargs="*", default=None,
-                   help="edit: write only the changed weights to --out; apply/revert: delta files, in edit order")
-    p.add_argument("--out", required=True, help="output folder (edited model) or file (delta)")
+def _recipe_command(argv: list[str]) -> str | None:
+    """The command a ``--config`` recipe names (``sequential: true``), if any."""
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config and Path(known.config).is_file():
+        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        if isinstance(values, dict) and values.get("sequential"):
+            return "sequential"
+    return None
+
+
+def with_command(argv: list[str]) -> list[str]:
+    """``argv`` with its command first. Without one, ``--sequential`` (or a recipe with ``sequential: true``) means
+    ``sequential`` and anything else ``edit``: the command lines of earlier versions keep working."""
+    if argv and argv[0] in COMMANDS:
+        return argv
+    if argv and argv[0] in ("-h", "--help"):
+        return argv
+    if "--sequential" in argv:
+        return ["sequential"] + [a for a in argv if a != "--sequential"]
+    return [_recipe_command(argv) or "edit"] + argv
+
+
+def _outputs(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, help=what)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--dtype", default="float32", help="dtype of the base model")
+
+
+def _request_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", help="edit requests: JSON/JSONL(.gz) in the plain, zsRE or CounterFact layout "
+                                      "(required; a --config recipe may give it)")
+    p.add_argument("--dataset", default="auto", choices=("auto",) + FORMATS, help="layout of --requests")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid requests (counted) instead of failing")
     p.add_argument("--limit", type=int, default=None, help="edit only the first N records of --requests")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward/backward micro-batch")
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + answer in tokens")
-    p.add_argument("--dtype", default="float32", help="dtype of the base model")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda")
     p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (configs/sequential/)")
+
+
+def _edit_parser(p: argparse.ArgumentParser) -> None:
+    _request_options(p)
+    _outputs(p, "output folder (edited model) or, with --delta, file")
+    p.add_argument("--editor", help="exported editor folder, from python train.py export (required; a --config "
+                                    "recipe may give it)")
+    p.add_argument("--model", help="base model (default: the editor's)")
+    p.add_argument("--delta", action="store_true", help="write only the changed weights to --out (a file)")
     p.add_argument("--score", choices=("all", "edit", "none"), default="all",
                    help="all: every view before and after (default); edit: the edit and rephrase prompts after the "
                         "edit (ES, GS, EM); none: no scoring, only the edit")
     p.add_argument("--general", action="store_true",
                    help="also score general abilities (perplexity, QA and choice tasks) before and after the edit")
+    p.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general)")
+    p.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
+    p.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
     p.add_argument("--preserve", type=float, default=None,
                    help="preservation weight mu of the solve (mu C0, C0 the key second moment on unrelated text; "
                         "default: the editor's)")
@@ -242,63 +284,88 @@ def parser() -> argparse.ArgumentParser:
                         "modules together")
     p.add_argument("--ridge-per-row", type=float, default=None,
                    help="extra ridge c N growing with the N key rows (default: the editor's)")
-    seq = p.add_argument_group("sequential editing (--sequential): edits accumulate request by request")
-    seq.add_argument("--sequential", action="store_true", help="edit the requests one turn after another")
-    seq.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse", "horse_lifelong"),
-                     help="sequential editors to run, each on a fresh base model (default: mose); horse merges each "
-                          "turn's shifts, horse_lifelong's solves also keep earlier turns' keys")
-    seq.add_argument("--dev-size", type=int, default=0,
-                     help="edit the development split of a training file given as --requests: its last N valid "
-                          "records (the ones recipes with data.dev_size N never train on)")
-    seq.add_argument("--keep-edits", type=float,
-                     help="horse_lifelong: weight nu of earlier turns' keys K^T K in each solve (default 1)")
-    seq.add_argument("--lifelong-preserve", type=float,
-                     help="horse_lifelong: weight mu of C0 (unrelated text's keys) in each solve (default: "
-                          "the editor's)")
-    seq.add_argument("--curve-every", type=int,
-                     help="every N edits also score every request edited so far and the general tasks (default 0: "
-                          "only at the end)")
-    seq.add_argument("--edit-modules", help="edited layers (default layers:19-21, the paper's MOSE layers)")
-    seq.add_argument("--turn-size", type=int, help="requests edited per turn (default 1)")
-    seq.add_argument("--diag-every", type=int, help="log stability diagnostics every N edits (default 10)")
-    seq.add_argument("--steps", type=int, help="optimisation steps per turn for mose/ft (default 20)")
-    seq.add_argument("--lr", type=float, help="Adam learning rate for mose/ft (default 5e-4)")
-    seq.add_argument("--n-blocks", type=int, help="MOSE: blocks of the orthogonal matrix (default 4)")
-    seq.add_argument("--radius-scale", type=float, help="MOSE: ball radius = scale * n^2 / sqrt(blocks) (1e-5)")
-    seq.add_argument("--reference-block", type=int,
-                     help="MOSE: scale the ball to the block, radius = scale * n * REF / sqrt(blocks): the per-entry "
-                          "bound the released formula gives a block of REF (2752: LLaMA-2-7B in 4 blocks)")
-    seq.add_argument("--norm-constraint", type=_optional_float,
-                     help="ft: per-turn element-wise bound on the weight change, or none (default 5e-4)")
-    seq.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general; none to skip)")
-    seq.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
-    seq.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
-    seq.add_argument("--seed", type=int, help="random seed (default 0)")
-    seq.add_argument("--record-name", help="name of the result record written beside the report (default: the "
-                                           "--out folder's name; copy it to docs/results/ to publish it)")
+
+
+def _delta_parser(p: argparse.ArgumentParser) -> None:
+    _outputs(p, "output folder (the model with the deltas applied or reverted)")
+    p.add_argument("--model", required=True, help="the model to change (Hugging Face id or folder)")
+    p.add_argument("--delta", nargs="+", required=True, help="delta files (edit --delta), in the order they were made")
+
+
+def _sequential_parser(p: argparse.ArgumentParser) -> None:
+    _request_options(p)
+    _outputs(p, "output folder (sequential_report.json, the result record, plots, tb/)")
+    p.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse", "horse_lifelong"),
+                   help="sequential editors to run, each on a fresh base model (default: mose); horse merges each "
+                        "turn's shifts, horse_lifelong's solves also keep earlier turns' keys")
+    p.add_argument("--editor", help="exported editor folder, for the horse and horse_lifelong methods")
+    p.add_argument("--model", help="base model (default embedded:smollm2-135m)")
+    p.add_argument("--dev-size", type=int, default=0,
+                   help="edit the development split of a training file given as --requests: its last N valid "
+                        "records (the ones recipes with data.dev_size N never train on)")
+    p.add_argument("--keep-edits", type=float,
+                   help="horse_lifelong: weight nu of earlier turns' keys K^T K in each solve (default 1)")
+    p.add_argument("--lifelong-preserve", type=float,
+                   help="horse_lifelong: weight mu of C0 (unrelated text's keys) in each solve (default: the editor's)")
+    p.add_argument("--curve-every", type=int,
+                   help="every N edits also score every request edited so far and the general tasks (default 0: "
+                        "only at the end)")
+    p.add_argument("--edit-modules", help="edited layers (default layers:19-21, the paper's MOSE layers)")
+    p.add_argument("--turn-size", type=int, help="requests edited per turn (default 1)")
+    p.add_argument("--diag-every", type=int, help="log stability diagnostics every N edits (default 10)")
+    p.add_argument("--steps", type=int, help="optimisation steps per turn for mose/ft (default 20)")
+    p.add_argument("--lr", type=float, help="Adam learning rate for mose/ft (default 5e-4)")
+    p.add_argument("--n-blocks", type=int, help="MOSE: blocks of the orthogonal matrix (default 4)")
+    p.add_argument("--radius-scale", type=float, help="MOSE: ball radius = scale * n^2 / sqrt(blocks) (1e-5)")
+    p.add_argument("--reference-block", type=int,
+                   help="MOSE: scale the ball to the block, radius = scale * n * REF / sqrt(blocks): the per-entry "
+                        "bound the released formula gives a block of REF (2752: LLaMA-2-7B in 4 blocks)")
+    p.add_argument("--norm-constraint", type=_optional_float,
+                   help="ft: per-turn element-wise bound on the weight change, or none (default 5e-4)")
+    p.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general; none to skip)")
+    p.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
+    p.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--record-name", help="name of the result record written beside the report (default: the "
+                                         "--out folder's name; copy it to docs/results/ to publish it)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edit.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _edit_parser(sub.add_parser("edit", help="edit many facts at once with an exported editor (the default)"))
+    _delta_parser(sub.add_parser("apply-delta", help="apply delta files to a model"))
+    _delta_parser(sub.add_parser("revert-delta", help="revert delta files from a model, bit for bit"))
+    _sequential_parser(sub.add_parser("sequential", help="edit the requests turn after turn, never restored"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line as the command's options, with the defaults its ``--config`` recipe gives."""
+    argv = with_command(list(argv))
     p = parser()
+    if argv and argv[0] in COMMANDS:
+        _apply_config(p._subparsers._group_actions[0].choices[argv[0]], argv[1:])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
     try:
-        _apply_config(p, argv)
-        args = p.parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)
-        if args.general_data is not None and str(args.general_data).lower() == "none":
+        args = parse(given)
+        args.argv = given
+        needed = {"edit": ("editor", "requests"), "sequential": ("requests",)}.get(args.command, ())
+        missing = [f"--{name}" for name in needed if not getattr(args, name)]
+        if missing:
+            raise UsageError(f"the following arguments are required: {', '.join(missing)} "
+                             f"(see 'python edit.py {args.command} --help').")
+        if getattr(args, "general_data", None) is not None and str(args.general_data).lower() == "none":
             args.general_data = ""
-        if args.sequential:
-            if not args.requests:
-                raise EditorLoadError("--sequential needs --requests.")
+        if args.command == "sequential":
             run_sequential(args)
         elif args.command == "edit":
-            if not args.editor or not args.requests:
-                raise EditorLoadError("edit needs --editor and --requests.")
-            args.delta = args.delta is not None
             run_edit(args)
         else:
-            if not args.model or not args.delta:
-                raise EditorLoadError(f"{args.command} needs --model and --delta FILE [FILE ...].")
             run_delta(args, 1.0 if args.command == "apply-delta" else -1.0)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -49,7 +49,7 @@ def editor_card(config) -> str:
         lines += ["No validation scores were recorded with this checkpoint; score it with `python train.py validate` "
                   "or `benchmarks/edit_quality.py`.", ""]
     lines += ["## Use", "", "```bash",
-              "python edit.py --editor THIS_FOLDER --requests my_edits.json --out edited-model/", "```", "",
+              "python edit.py edit --editor THIS_FOLDER --requests my_edits.json --out edited-model/", "```", "",
               "```python", "from horse_pl.api import KnowledgeEditor",
               'ke = KnowledgeEditor.from_pretrained("THIS_FOLDER")', "```", ""]
     return "\n".join(lines)

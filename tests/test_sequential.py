@@ -234,11 +234,10 @@ def test_sequential_recipes_parse(tmp_path, capsys):
     assert {r.stem for r in recipes} >= {"mose_smollm2_counterfact", "mose_smollm2_zsre", "mose_llama3_8b_counterfact",
                                          "mose_qwen2_5_7b_counterfact", "mose_llama2_13b_counterfact"}
     for recipe in recipes:
-        p = edit.parser()
-        edit._apply_config(p, ["--config", str(recipe), "--out", "x"])
-        args = p.parse_args(["--config", str(recipe), "--out", "x"])
-        assert args.sequential and args.methods and args.requests and Path(ROOT, args.requests).exists(), recipe
-        assert args.edit_modules.startswith("layers:"), recipe
+        for argv in (["sequential", "--config", str(recipe), "--out", "x"], ["--config", str(recipe), "--out", "x"]):
+            args = edit.parse(argv)  # the recipe's own command, named or not
+            assert args.command == "sequential" and args.methods and Path(ROOT, args.requests).exists(), recipe
+            assert args.edit_modules.startswith("layers:"), recipe
     bad = tmp_path / "bad.yaml"
     bad.write_text("sequential: true\nstep: 3\n")
     assert edit_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2

@@ -32,7 +32,7 @@ METHODS = ("mose", "ft", "horse", "horse_lifelong")
 
 @dataclass
 class SequentialConfig:
-    """Settings of one sequential run (``edit.py --sequential``; recipes in ``configs/sequential/``)."""
+    """Settings of one sequential run (``edit.py sequential``; recipes in ``configs/sequential/``)."""
 
     methods: Sequence[str] = ("mose",)
     model: str = "embedded:smollm2-135m"
@@ -59,6 +59,18 @@ class SequentialConfig:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Refuse settings that cannot run, before any model is loaded."""
+        from horse_pl.export import EditorLoadError
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
+        needing = [m for m in self.methods if m.startswith("horse")]
+        if needing and not self.editor:
+            raise EditorLoadError(f"The '{needing[0]}' sequential method needs --editor (a folder from "
+                                  "'train.py export').")
+
 
 def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
     if method == "mose":
@@ -70,8 +82,6 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         from horse_pl.export import EditorLoadError, load_editor
         from horse_pl.models import load_tokenizer, model_fingerprint
 
-        if not cfg.editor:
-            raise EditorLoadError(f"The '{method}' sequential method needs --editor (a folder from 'train.py export').")
         editor, config = load_editor(cfg.editor)
         if model_fingerprint(model) != config.base_fingerprint:
             raise EditorLoadError(f"The editor '{cfg.editor}' was trained on '{config.base_model}', not on "
@@ -105,6 +115,7 @@ class SequentialRun:
     """One request file, several methods, each on a fresh copy of the base model."""
 
     def __init__(self, cfg: SequentialConfig, requests: Sequence[EditRequest], out: Path):
+        cfg.check()
         self.cfg, self.requests, self.out = cfg, list(requests), Path(out)
         torch.manual_seed(cfg.seed)
         model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
