@@ -1,5 +1,6 @@
 """Meta-training through the CLI on a tiny model: steps, validation, checkpoints, exact resume, recipes."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,29 @@ def test_progress_bar_counts_steps_and_edits(tiny_llama, tmp_path):
     assert bar._get_train_description(0) == "step 2/2, 16 edits"
     off = cli(["fit"] + train_args(tiny_llama, tmp_path / "off", steps=1, **{"trainer.limit_val_batches": 0}))
     assert off.trainer.progress_bar_callback is None  # switched off stays off
+
+
+SMOLLM2_RECIPES = [c for c in CONFIGS if ("smollm2" in c.stem or c.stem == "quickstart") and "ddp" not in c.stem]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", SMOLLM2_RECIPES, ids=[c.stem for c in SMOLLM2_RECIPES])
+def test_shipped_recipe_trains_through_its_own_file(recipe, tiny_llama, tmp_path, monkeypatch):
+    """Each shipped SmolLM2 recipe, as written (its data files, stages, losses, callbacks), trains two steps and
+    validates with only the sizes shrunk: a tiny model, 4 edits per step. It runs from a folder beside a link to
+    ``../shared``, so the recipe's relative data paths are checked and its checkpoints and records land there."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(Path(__file__).resolve().parents[2] / "shared")
+    monkeypatch.chdir(work)
+    run = cli(["fit", "--config", str(recipe), "--model.model", tiny_llama, "--model.edit_modules", "last:2",
+               "--model.rank", "8", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false", "--data.n_edits", "4", "--data.val_n_edits", "4",
+               "--data.val_limit", "4", "--data.batch_size", "2", "--data.max_length", "1024"])
+    assert run.trainer.global_step == 2
+    metrics = run.trainer.callback_metrics
+    assert {"val/ES", "val/unedited_ES", "val/LS_agree"} <= set(metrics)
+    assert list(work.glob("checkpoints/*/best-*.ckpt")), "the recipe's own checkpoint callback wrote nothing"
+    records = list(work.glob("checkpoints/*/*-fit-*.json"))  # the recipe's ResultsRecorder
+    assert len(records) == 1 and json.loads(records[0].read_text())["recipe"] == f"configs/{recipe.name}"
