@@ -24,6 +24,7 @@ from horse_pl.editing.editor import Editor
 from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
 from horse_pl.io import first_line, write_atomic_dir
+from horse_pl.methods import method_of
 from horse_pl.models import parse_dtype
 
 SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
@@ -58,15 +59,6 @@ class EditorConfig:
     update_args: dict = field(default_factory=dict)  # the update stage's options (e.g. ClosedFormUpdate.preserve)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
-
-
-def method_name(spread: Spread, update: ParamShiftUpdate, learn_lambda: bool) -> str:
-    """The method a stage combination implements (for people reading config.json)."""
-    if update.name == "outer_product":
-        return "mend"
-    if spread.name == "none":
-        return "malmen" if learn_lambda else "closed_form_no_spread"
-    return "horse" if spread.name == "gram_schmidt" else f"horse_{spread.name}"
 
 
 def build_editor(config: EditorConfig) -> Editor:
@@ -210,7 +202,7 @@ def config_from_checkpoint(checkpoint: dict, ckpt_path: str | Path | None = None
             **validation, "split": split, "n_edits": data.get("val_n_edits") or data.get("n_edits"),
             "path": data.get("train_path") if split == "dev" else data.get("val_path")}
     return EditorConfig(
-        method=method_name(spread, update, hp["learn_lambda"]), spread=spread.name, update=update.name,
+        method=method_of(spread.name, update.name, hp["learn_lambda"]), spread=spread.name, update=update.name,
         positions=hp["positions"], learn_lambda=hp["learn_lambda"], rank=hp["rank"], n_blocks=hp["n_blocks"],
         lr=hp["lr"], chunk_size=hp["chunk_size"], cache_dtype=hp["cache_dtype"], edit_modules=meta["edit_modules"],
         shapes=[list(s) for s in meta["shapes"]], base_model=hp["model"], base_fingerprint=meta["fingerprint"],

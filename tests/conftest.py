@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from horse_pl.methods import cli_args
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -158,14 +160,7 @@ def train_args(model: str, root: Path, steps: int, method: str = "horse", **extr
         "--data.train_path", small_zsre()[0], "--data.val_path", small_zsre()[1], "--data.dataset", "zsre",
         "--data.n_edits", "8", "--data.batch_size", "4", "--data.val_limit", "16", "--data.max_length", "1024",
     ]
-    if method == "malmen":
-        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.learn_lambda", "true",
-                 "--model.locality", "kl"]
-    elif method == "mend":
-        args += ["--model.spread", "horse_pl.editing.spread.NoSpread", "--model.update",
-                 "horse_pl.editing.update.OuterProductUpdate", "--model.positions", "all", "--model.locality", "kl"]
-    elif method == "reference":
-        args += ["--model.spread", "horse_pl.editing.spread.ReferenceSpread"]
+    args += cli_args(method)  # the presets of horse_pl.methods
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
     return args

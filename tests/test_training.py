@@ -23,7 +23,7 @@ def _assert_same_params(got_module, expected_module) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("method", ["horse", "reference", "malmen", "mend"])
+@pytest.mark.parametrize("method", ["horse", "horse_reference", "malmen", "mend"])
 def test_fit_then_validate_runs_every_method(tiny_llama, tmp_path, method):
     run = cli(["fit"] + train_args(tiny_llama, tmp_path, steps=2, method=method))
     module = run.model
@@ -171,3 +171,37 @@ def test_shipped_recipe_trains_through_its_own_file(recipe, tiny_llama, tmp_path
     assert list(work.glob("checkpoints/*/best-*.ckpt")), "the recipe's own checkpoint callback wrote nothing"
     records = list(work.glob("checkpoints/*/*-fit-*.json"))  # the recipe's ResultsRecorder
     assert len(records) == 1 and json.loads(records[0].read_text())["recipe"] == f"configs/{recipe.name}"
+
+
+def test_recipes_and_the_readme_table_use_the_method_presets():
+    """The method -> stages mapping lives in horse_pl.methods: every shipped SmolLM2 recipe's stages are the preset
+    its file name says (malmen_*, mend_*, horse_reference_*, horse_*) and the README's table shows the presets."""
+    import re
+
+    import yaml
+
+    from horse_pl.methods import METHODS, SPREAD_CLASSES, UPDATE_CLASSES
+
+    def class_of(stage) -> str:
+        return (stage or {}).get("class_path", stage) if isinstance(stage, dict) else stage
+
+    for recipe in SMOLLM2_RECIPES:
+        model = yaml.safe_load(recipe.read_text())["model"]
+        method = next(m for m in ("malmen", "mend", "horse_reference", "horse") if recipe.stem.startswith(m)) \
+            if recipe.stem != "quickstart" else "horse"
+        preset = METHODS[method]
+        update = class_of(model.get("update")) or UPDATE_CLASSES["closed_form"]
+        assert class_of(model.get("spread")) == SPREAD_CLASSES[preset.spread], recipe.name
+        assert update in (UPDATE_CLASSES[preset.update], UPDATE_CLASSES["joint_closed_form"]), recipe.name
+        assert model.get("positions", "answer") == preset.positions, recipe.name
+        assert model.get("learn_lambda", False) == preset.learn_lambda, recipe.name
+        assert model.get("locality", "ce") == preset.locality, recipe.name
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {"HORSE (default)": "horse", "HORSE, released code's spread": "horse_reference", "MALMEN": "malmen",
+            "MEND": "mend"}
+    for label, method in rows.items():
+        m = METHODS[method]
+        row = re.search(rf"^\| {re.escape(label)} \|(.*)\|$", readme, re.M).group(1)
+        cells = [c.strip(" `") for c in row.split("|")]
+        assert cells == [SPREAD_CLASSES[m.spread].rpartition(".")[2], UPDATE_CLASSES[m.update].rpartition(".")[2],
+                         m.positions, str(m.learn_lambda).lower(), m.locality], label
