@@ -57,7 +57,15 @@ def test_two_processes_equal_one(tiny_llama, tmp_path, method):
 
 
 def test_ddp_resumes_from_its_checkpoint(tiny_llama, tmp_path):
+    """Two processes stopped after 2 steps and resumed to 3 end with the editor of an uninterrupted 3-step run."""
     _fit(tiny_llama, tmp_path / "a", 2, "horse", steps=2)
-    state, _ = _fit(tiny_llama, tmp_path / "b", 2, "horse", steps=3,
-                    extra_args=("--ckpt_path", str(tmp_path / "a" / "ckpt" / "last.ckpt")))
-    assert state["global_step"] == 3
+    resumed, resumed_metrics = _fit(tiny_llama, tmp_path / "b", 2, "horse", steps=3,
+                                    extra_args=("--ckpt_path", str(tmp_path / "a" / "ckpt" / "last.ckpt")))
+    straight, straight_metrics = _fit(tiny_llama, tmp_path / "s", 2, "horse", steps=3)
+    assert resumed["global_step"] == straight["global_step"] == 3
+    editor = [k for k in straight["state_dict"] if k.startswith("editor.")]
+    assert editor
+    for name in editor:
+        torch.testing.assert_close(resumed["state_dict"][name], straight["state_dict"][name], rtol=0, atol=1e-7,
+                                   msg=name)
+    assert resumed_metrics["val/ES"] == pytest.approx(straight_metrics["val/ES"], abs=1e-6)

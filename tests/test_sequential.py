@@ -1,6 +1,7 @@
 """MOSE and the additive sequential baselines, the sequential runner, general-ability scoring, recipes."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -264,5 +265,38 @@ def test_general_tasks_load_and_score(tiny_llama):
     acc = general.choice_accuracy(model, tok, examples)
     assert acc == general.choice_accuracy(model, tok, list(reversed(examples)))  # order-independent
     assert general.chance_level("open_domain_qa", general.load_task(GENERAL, "open_domain_qa", 8), tok) == 1 / len(tok)
-    assert 0 <= general.qa_accuracy(model, tok, qa[:4]) <= 1
-    assert general.perplexity(model, tok, ["a short text", "another one here"]) > 1
+    # QA accuracy and perplexity against a hand computation: plain full forward passes, one example at a time
+    from horse_pl.data.tokenize import join
+
+    def answer_tokens(prompt, answer):
+        text, tail = join(prompt, answer)
+        ids = tok(text, return_tensors="pt").input_ids
+        n = len(tok(text[:len(text) - len(tail)]).input_ids)
+        return ids, n
+
+    # the real questions (the tiny random model gets none right) and the same questions with the model's own greedy
+    # continuation as the answer (mostly right), so the comparison checks a fraction that is neither 0 nor 1
+    own = []
+    for q, _ in qa[:4]:
+        ids = tok(q, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        own.append((q, tok.decode(out[0, ids.shape[1]:]).strip() or "x"))
+    examples = qa[:4] + own
+    by_hand = []
+    for q, a in examples:
+        ids, n = answer_tokens(q, a)
+        with torch.no_grad():
+            pred = model(ids).logits[0, n - 1:-1].argmax(-1)
+        by_hand.append(float((pred == ids[0, n:]).float().mean()))
+    assert 0 < sum(by_hand) / len(by_hand) < 1, by_hand
+    assert general.qa_accuracy(model, tok, examples) == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-6)
+    texts = ["a short text", "another one here"]
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    assert general.perplexity(model, tok, texts) == pytest.approx(math.exp(nll / count), rel=1e-4)
