@@ -195,20 +195,30 @@ class _Parser(argparse.ArgumentParser):
 COMMANDS = ("edit", "apply-delta", "revert-delta", "sequential")
 
 
-def _apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
-    """Defaults from a YAML recipe (``--config``); keys are the long option names (dashes or underscores)."""
+def _read_recipe(argv: list[str]) -> tuple[Path, dict] | None:
+    """The ``--config`` recipe of a command line, as (path, its keys), or None without one."""
     import yaml
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if not known.config:
-        return
+        return None
     path = Path(known.config)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"Config file '{path}' does not exist; check the path given to --config.")
     values = yaml.safe_load(path.read_text()) or {}
-    values.pop("sequential", None)  # recipes written for 'edit.py --sequential' name their command this way
+    if not isinstance(values, dict):
+        raise UsageError(f"Config file '{path}' is not a mapping of option names to values.")
+    return path, values
+
+
+def _apply_config(p: argparse.ArgumentParser, recipe: tuple[Path, dict] | None) -> None:
+    """Defaults from a YAML recipe; keys are the long option names (dashes or underscores)."""
+    if recipe is None:
+        return
+    path, values = recipe
+    values = {k: v for k, v in values.items() if k != "sequential"}  # how recipes name their command
     dests = {a.dest for a in p._actions}
     unknown = [k for k in values if k.replace("-", "_") not in dests]
     if unknown:
@@ -217,30 +227,14 @@ def _apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
     p.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
 
 
-def _recipe_command(argv: list[str]) -> str | None:
-    """The command a ``--config`` recipe names (``sequential: true``), if any."""
-    import yaml
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.config and Path(known.config).is_file():
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        if isinstance(values, dict) and values.get("sequential"):
-            return "sequential"
-    return None
-
-
-def with_command(argv: list[str]) -> list[str]:
+def with_command(argv: list[str], recipe: tuple[Path, dict] | None) -> list[str]:
     """``argv`` with its command first. Without one, ``--sequential`` (or a recipe with ``sequential: true``) means
     ``sequential`` and anything else ``edit``: the command lines of earlier versions keep working."""
-    if argv and argv[0] in COMMANDS:
-        return argv
-    if argv and argv[0] in ("-h", "--help"):
+    if argv and argv[0] in COMMANDS + ("-h", "--help"):
         return argv
     if "--sequential" in argv:
         return ["sequential"] + [a for a in argv if a != "--sequential"]
-    return [_recipe_command(argv) or "edit"] + argv
+    return ["sequential" if recipe and recipe[1].get("sequential") else "edit"] + argv
 
 
 def _outputs(p: argparse.ArgumentParser, what: str) -> None:
@@ -261,6 +255,12 @@ def _request_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe whose keys set defaults of these options (configs/sequential/)")
 
 
+def _general_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general; none to skip)")
+    p.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
+    p.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
+
+
 def _edit_parser(p: argparse.ArgumentParser) -> None:
     _request_options(p)
     _outputs(p, "output folder (edited model) or, with --delta, file")
@@ -273,9 +273,7 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "edit (ES, GS, EM); none: no scoring, only the edit")
     p.add_argument("--general", action="store_true",
                    help="also score general abilities (perplexity, QA and choice tasks) before and after the edit")
-    p.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general)")
-    p.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
-    p.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
+    _general_options(p)
     p.add_argument("--preserve", type=float, default=None,
                    help="preservation weight mu of the solve (mu C0, C0 the key second moment on unrelated text; "
                         "default: the editor's)")
@@ -322,30 +320,36 @@ def _sequential_parser(p: argparse.ArgumentParser) -> None:
                         "bound the released formula gives a block of REF (2752: LLaMA-2-7B in 4 blocks)")
     p.add_argument("--norm-constraint", type=_optional_float,
                    help="ft: per-turn element-wise bound on the weight change, or none (default 5e-4)")
-    p.add_argument("--general-data", help="folder with glue_eval/ (default ../shared/data/general; none to skip)")
-    p.add_argument("--general-tasks", nargs="*", help="general-ability tasks to score before and after")
-    p.add_argument("--general-limit", type=int, help="examples per general task (default 200)")
+    _general_options(p)
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--record-name", help="name of the result record written beside the report (default: the "
                                          "--out folder's name; copy it to docs/results/ to publish it)")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command-line parser and each command's own parser."""
     p = _Parser(prog="edit.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _edit_parser(sub.add_parser("edit", help="edit many facts at once with an exported editor (the default)"))
-    _delta_parser(sub.add_parser("apply-delta", help="apply delta files to a model"))
-    _delta_parser(sub.add_parser("revert-delta", help="revert delta files from a model, bit for bit"))
-    _sequential_parser(sub.add_parser("sequential", help="edit the requests turn after turn, never restored"))
-    return p
+    commands = {
+        "edit": sub.add_parser("edit", help="edit many facts at once with an exported editor (the default)"),
+        "apply-delta": sub.add_parser("apply-delta", help="apply delta files to a model"),
+        "revert-delta": sub.add_parser("revert-delta", help="revert delta files from a model, bit for bit"),
+        "sequential": sub.add_parser("sequential", help="edit the requests turn after turn, never restored"),
+    }
+    _edit_parser(commands["edit"])
+    _delta_parser(commands["apply-delta"])
+    _delta_parser(commands["revert-delta"])
+    _sequential_parser(commands["sequential"])
+    return p, commands
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The command line as the command's options, with the defaults its ``--config`` recipe gives."""
-    argv = with_command(list(argv))
-    p = parser()
-    if argv and argv[0] in COMMANDS:
-        _apply_config(p._subparsers._group_actions[0].choices[argv[0]], argv[1:])
+    recipe = _read_recipe(list(argv))
+    argv = with_command(list(argv), recipe)
+    p, commands = parser()
+    if argv[0] in commands:
+        _apply_config(commands[argv[0]], recipe)
     return p.parse_args(argv)
 
 

@@ -98,10 +98,15 @@ class KnowledgeEditor:
         instance.timings["load"] = time.perf_counter() - start
         return instance
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and with it every edit batch) is."""
+        return next(self.model.parameters()).device
+
     def batches(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256) -> EditBatch:
         """All requests as one edit batch of micro-batches (the unit the closed-form solve needs)."""
         batch = edit_batch(self.tokenizer, requests, EVAL_VIEWS, batch_size, max_length)
-        return batch.to(next(self.model.parameters()).device)
+        return batch.to(self.device)
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
@@ -121,7 +126,7 @@ class KnowledgeEditor:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
                                 score_before=score == "all",
-                                timer=StageTimer(next(self.model.parameters()).device, self.timings))
+                                timer=StageTimer(self.device, self.timings))
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         shown = list(requests[:examples])
         before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []

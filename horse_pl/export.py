@@ -21,15 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from horse_pl.cards import editor_card
 from horse_pl.editing.editor import Editor
-from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
-from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
 from horse_pl.io import first_line, write_atomic_dir
-from horse_pl.methods import method_of
+from horse_pl.methods import SPREADS, UPDATES, method_of
 from horse_pl.models import parse_dtype
 
-SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
-UPDATES: dict[str, type[ParamShiftUpdate]] = {c.name: c for c in (ClosedFormUpdate, JointClosedFormUpdate,
-                                                                   OuterProductUpdate)}
 FORMAT_VERSION = 1
 
 
@@ -185,8 +180,8 @@ def config_from_checkpoint(checkpoint: dict, ckpt_path: str | Path | None = None
     meta = checkpoint.get("horse_pl")
     if meta is None:
         raise EditorLoadError("This checkpoint was not written by horse_pl's EditorModule (no 'horse_pl' entry).")
-    spread = _stage(hp.get("spread"), GramSchmidtSpread)
-    update = _stage(hp.get("update"), ClosedFormUpdate)
+    spread = _stage(hp.get("spread"), SPREADS["gram_schmidt"])
+    update = _stage(hp.get("update"), UPDATES["closed_form"])
     data = checkpoint.get("datamodule_hyper_parameters", {})
     training = {k: data.get(k) for k in ("train_path", "dataset", "n_edits", "batch_size", "seed")}
     if data.get("train_path") and Path(data["train_path"]).is_file():

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from horse_pl.editing.spread import GramSchmidtSpread, NoSpread, ReferenceSpread, Spread
+from horse_pl.editing.update import ClosedFormUpdate, JointClosedFormUpdate, OuterProductUpdate, ParamShiftUpdate
+
+# stage name -> class: what an exported editor's config.json names, and what the presets below refer to
+SPREADS: dict[str, type[Spread]] = {c.name: c for c in (GramSchmidtSpread, ReferenceSpread, NoSpread)}
+UPDATES: dict[str, type[ParamShiftUpdate]] = {c.name: c for c in (ClosedFormUpdate, JointClosedFormUpdate,
+                                                                   OuterProductUpdate)}
+
 
 @dataclass(frozen=True)
 class Method:
-    """One method's stages (names as in ``horse_pl.export.SPREADS`` / ``UPDATES``) and loss settings."""
+    """One method's stages (names of :data:`SPREADS` / :data:`UPDATES`) and loss settings."""
 
     spread: str
     update: str
@@ -30,11 +38,10 @@ METHODS: dict[str, Method] = {
     "mend": Method("none", "outer_product", "all", False, "kl"),
 }
 
-SPREAD_CLASSES = {"gram_schmidt": "horse_pl.editing.spread.GramSchmidtSpread",
-                  "reference": "horse_pl.editing.spread.ReferenceSpread", "none": "horse_pl.editing.spread.NoSpread"}
-UPDATE_CLASSES = {"closed_form": "horse_pl.editing.update.ClosedFormUpdate",
-                  "joint_closed_form": "horse_pl.editing.update.JointClosedFormUpdate",
-                  "outer_product": "horse_pl.editing.update.OuterProductUpdate"}
+
+def class_path(cls: type) -> str:
+    """The ``class_path`` a recipe names a stage class by."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def cli_args(method: str) -> list[str]:
@@ -42,7 +49,7 @@ def cli_args(method: str) -> list[str]:
     if method not in METHODS:
         raise ValueError(f"Unknown method '{method}'; choose from {list(METHODS)}.")
     m = METHODS[method]
-    return ["--model.spread", SPREAD_CLASSES[m.spread], "--model.update", UPDATE_CLASSES[m.update],
+    return ["--model.spread", class_path(SPREADS[m.spread]), "--model.update", class_path(UPDATES[m.update]),
             "--model.positions", m.positions, "--model.learn_lambda", str(m.learn_lambda).lower(),
             "--model.locality", m.locality]
 

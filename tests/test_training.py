@@ -182,7 +182,7 @@ def test_recipes_and_the_readme_table_use_the_method_presets():
 
     import yaml
 
-    from horse_pl.methods import METHODS, SPREAD_CLASSES, UPDATE_CLASSES
+    from horse_pl.methods import METHODS, SPREADS, UPDATES, class_path
 
     def class_of(stage) -> str:
         return (stage or {}).get("class_path", stage) if isinstance(stage, dict) else stage
@@ -192,9 +192,9 @@ def test_recipes_and_the_readme_table_use_the_method_presets():
         method = next(m for m in ("malmen", "mend", "horse_reference", "horse") if recipe.stem.startswith(m)) \
             if recipe.stem != "quickstart" else "horse"
         preset = METHODS[method]
-        update = class_of(model.get("update")) or UPDATE_CLASSES["closed_form"]
-        assert class_of(model.get("spread")) == SPREAD_CLASSES[preset.spread], recipe.name
-        assert update in (UPDATE_CLASSES[preset.update], UPDATE_CLASSES["joint_closed_form"]), recipe.name
+        update = class_of(model.get("update")) or class_path(UPDATES["closed_form"])
+        assert class_of(model.get("spread")) == class_path(SPREADS[preset.spread]), recipe.name
+        assert update in (class_path(UPDATES[preset.update]), class_path(UPDATES["joint_closed_form"])), recipe.name
         assert model.get("positions", "answer") == preset.positions, recipe.name
         assert model.get("learn_lambda", False) == preset.learn_lambda, recipe.name
         assert model.get("locality", "ce") == preset.locality, recipe.name
@@ -205,5 +205,5 @@ def test_recipes_and_the_readme_table_use_the_method_presets():
         m = METHODS[method]
         row = re.search(rf"^\| {re.escape(label)} \|(.*)\|$", readme, re.M).group(1)
         cells = [c.strip(" `") for c in row.split("|")]
-        assert cells == [SPREAD_CLASSES[m.spread].rpartition(".")[2], UPDATE_CLASSES[m.update].rpartition(".")[2],
+        assert cells == [SPREADS[m.spread].__name__, UPDATES[m.update].__name__,
                          m.positions, str(m.learn_lambda).lower(), m.locality], label
