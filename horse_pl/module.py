@@ -27,6 +27,7 @@ from horse_pl.lm import answer_ce, answer_logits
 from horse_pl.metrics import make_metrics, update_metrics
 from horse_pl.models import DEFAULT_MODEL, load_model, model_fingerprint, parse_dtype
 from horse_pl.reduction import LOCAL, Reduction, distributed
+from horse_pl.sequential.general import RetentionMeans
 from horse_pl.timing import StageTimer
 
 
@@ -98,6 +99,7 @@ class EditorModule(L.LightningModule):
         self.val_metrics, self.pre_metrics = make_metrics(), make_metrics()
         self.test_metrics = make_metrics()
         self._baseline_done = False
+        self._general: RetentionMeans | None = None  # built on the first evaluation that asks for it
         self._validated_step: int | None = None  # global step of the latest validation (for the model card)
 
     # ----------------------------------------------------------------- setup
@@ -266,6 +268,12 @@ class EditorModule(L.LightningModule):
         if result.values_before is not None:
             update_metrics(self.pre_metrics, result.values_before)
         update_metrics(metrics, result.values_after)
+        if self._general is None and self._trainer is not None:
+            self._general = RetentionMeans.asked_by(self.trainer.datamodule, self.hparams.general_data)
+        if self._general is not None:  # every process holds the same shifts: each scores the whole sample
+            self._general.baseline(self.lm)
+            with applied(self.edit_modules, result.state.param_shifts):
+                self._general.update(self.lm)
 
     def validation_step(self, batch: EditBatch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
@@ -281,6 +289,10 @@ class EditorModule(L.LightningModule):
 
     def _end_eval(self, metrics, prefix: str) -> None:
         self._log_metrics(metrics, prefix)
+        if self._general is not None and self._general.values:
+            for name, value in self._general.compute().items():
+                self.log(f"{prefix}/general/{name}", value, sync_dist=False)
+            self._general.reset()
         if self.trainer.sanity_checking:  # a partial pass: the baseline waits for a full one
             self.pre_metrics.reset()
             return

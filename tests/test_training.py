@@ -137,6 +137,50 @@ def test_every_recipe_parses_and_builds_with_the_model_shrunk(config, tiny_llama
         assert every and steps % every == 0, f"{config.name}: last.ckpt would miss the final step {steps}"
 
 
+def test_every_recipe_names_its_own_folders_and_record():
+    """Recipes repeat their trainer block (LightningCLI merges no base file into a group a recipe also sets): the
+    name-bearing entries of each must all be the recipe's own, so a copied recipe cannot write into another's
+    checkpoints, logs or record."""
+    import yaml
+
+    for recipe in CONFIGS:
+        trainer = yaml.safe_load(recipe.read_text()).get("trainer", {})
+        folder = f"checkpoints/{recipe.stem}"
+        assert trainer.get("default_root_dir", folder) == folder, recipe.name
+        logger = trainer.get("logger")
+        if isinstance(logger, dict):
+            assert logger["init_args"]["name"] == recipe.stem, recipe.name
+        for callback in trainer.get("callbacks", []):
+            args = callback.get("init_args", {})
+            if callback["class_path"].endswith("ResultsRecorder"):
+                assert args["recipe"] == f"configs/{recipe.name}", recipe.name
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                assert args["dirpath"] == folder, recipe.name
+
+
+def test_validate_scores_general_retention_of_each_edited_batch(tiny_llama, tmp_path):
+    """``--data.general_tasks``: validation scores the general abilities of the model as each edit batch leaves it
+    against the unedited model: the unedited perplexity is the plain computation, zero shifts (lr 0) retain
+    exactly 1, real shifts change it."""
+    from horse_pl.models import load_model
+    from horse_pl.sequential.general import perplexity, perplexity_texts
+
+    general = {"data.general_tasks": "[open_domain_qa]", "data.general_limit": 8}
+    got = {}
+    for lr in (0.0, 30.0):
+        run = cli(["validate"] + train_args(tiny_llama, tmp_path / str(lr), steps=1, **general, **{"model.lr": lr}))
+        got[lr] = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/general/")}
+    lm, tokenizer = load_model(tiny_llama)
+    expected = perplexity(lm, tokenizer, perplexity_texts("../shared/data/general"))
+    assert got[0.0]["val/general/unedited_perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert "val/general/unedited_open_domain_qa" in got[0.0]
+    assert got[0.0]["val/general/perplexity_retention"] == 1.0
+    # the tiny random model's near-uniform predictions move little, but the scoring sees the shifts
+    assert got[30.0]["val/general/perplexity_retention"] != 1.0
+    off = cli(["validate"] + train_args(tiny_llama, tmp_path / "off", steps=1))
+    assert not any(k.startswith("val/general/") for k in off.trainer.callback_metrics)  # opt-in
+
+
 def test_progress_bar_counts_steps_and_edits(tiny_llama, tmp_path):
     from horse_pl.callbacks import StepProgressBar
 
@@ -197,7 +241,8 @@ def test_recipes_and_the_readme_table_use_the_method_presets():
         assert update in (class_path(UPDATES[preset.update]), class_path(UPDATES["joint_closed_form"])), recipe.name
         assert model.get("positions", "answer") == preset.positions, recipe.name
         assert model.get("learn_lambda", False) == preset.learn_lambda, recipe.name
-        assert model.get("locality", "ce") == preset.locality, recipe.name
+        # a recipe named *_kl measures MALMEN's KL locality with the HORSE stages (issue 22's lever)
+        assert model.get("locality", "ce") == ("kl" if recipe.stem.endswith("_kl") else preset.locality), recipe.name
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = {"HORSE (default)": "horse", "HORSE, released code's spread": "horse_reference", "MALMEN": "malmen",
             "MEND": "mend"}

@@ -81,6 +81,13 @@ class EditDataModule(L.LightningDataModule):
             development records (``dev``, needs ``dev_size``).
         seed: shuffling seed.
         num_workers: DataLoader worker processes.
+        general_tasks: general abilities of the model as each evaluation edit batch leaves it, against the
+            unedited model (retention = after / before, logged as ``val/general/<task>_retention``): any of
+            ``open_domain_qa`` and the choice tasks of :data:`horse_pl.sequential.general.TASKS`, with the
+            perplexity of the fixed text sample always scored (``[]``: perplexity alone). None (default): not
+            scored, since it adds a pass over the general data per evaluation batch. Data from the module's
+            ``general_data`` folder.
+        general_limit: examples per general task.
     """
 
     def __init__(
@@ -101,6 +108,8 @@ class EditDataModule(L.LightningDataModule):
         val_split: Literal["eval", "dev"] = "eval",
         seed: int = 0,
         num_workers: int = 0,
+        general_tasks: list[str] | None = None,
+        general_limit: int = 200,
     ):
         super().__init__()
         if n_edits < 1 or batch_size < 1:

@@ -229,3 +229,40 @@ class GeneralCheck:
 
     def retention(self, after: dict[str, float]) -> dict[str, float | None]:
         return retention(self.before, after, self.kept)
+
+
+class RetentionMeans:
+    """General-ability retention of one model under several separate edits, averaged (``train.py validate`` /
+    ``test``: one edit per evaluation batch). ``update`` scores the model as it is (edited); the unedited model
+    is scored once, by ``baseline``, before the first update."""
+
+    def __init__(self, check: GeneralCheck):
+        self.check = check
+        self.values: dict[str, list[float]] = {}
+
+    @classmethod
+    def asked_by(cls, data, root: str | Path) -> RetentionMeans | None:
+        """The retention a data module's ``general_tasks`` ask for (None: not asked), data from ``root``."""
+        tasks = getattr(data, "hparams", {}).get("general_tasks")
+        if tasks is None:
+            return None
+        return cls(GeneralCheck(data.tokenizer, root, tasks, data.hparams.general_limit))
+
+    def baseline(self, model: nn.Module) -> None:
+        if self.check.before is None:
+            self.check.baseline(model)
+
+    def update(self, model: nn.Module) -> None:
+        for name, value in self.check.retention(self.check.score(model)).items():
+            if value is not None:  # "mean" is None when no task is clearly above chance
+                self.values.setdefault(name, []).append(value)
+
+    def compute(self) -> dict[str, float]:
+        """``<task>_retention`` (and ``mean_retention``, ``perplexity_retention``) averaged over the updates, and
+        ``unedited_<task>``: the unedited model's scores."""
+        out = {f"{name}_retention": sum(v) / len(v) for name, v in self.values.items()}
+        out.update({f"unedited_{name}": value for name, value in (self.check.before or {}).items()})
+        return out
+
+    def reset(self) -> None:
+        self.values = {}
