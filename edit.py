@@ -291,37 +291,35 @@ def _delta_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _sequential_parser(p: argparse.ArgumentParser) -> None:
+    """The sequential command's options: the request, output and general-ability options shared with ``edit``, and
+    one option per :class:`SequentialConfig` setting made with a help text (its type and default from the field)."""
+    import typing
+    from dataclasses import MISSING, fields
+
+    from horse_pl.sequential.runner import METHODS, SequentialConfig
+
     _request_options(p)
     _outputs(p, "output folder (sequential_report.json, the result record, plots, tb/)")
-    p.add_argument("--method", dest="methods", nargs="+", choices=("mose", "ft", "horse", "horse_lifelong"),
-                   help="sequential editors to run, each on a fresh base model (default: mose); horse merges each "
-                        "turn's shifts, horse_lifelong's solves also keep earlier turns' keys")
-    p.add_argument("--editor", help="exported editor folder, for the horse and horse_lifelong methods")
-    p.add_argument("--model", help="base model (default embedded:smollm2-135m)")
     p.add_argument("--dev-size", type=int, default=0,
                    help="edit the development split of a training file given as --requests: its last N valid "
                         "records (the ones recipes with data.dev_size N never train on)")
-    p.add_argument("--keep-edits", type=float,
-                   help="horse_lifelong: weight nu of earlier turns' keys K^T K in each solve (default 1)")
-    p.add_argument("--lifelong-preserve", type=float,
-                   help="horse_lifelong: weight mu of C0 (unrelated text's keys) in each solve (default: the editor's)")
-    p.add_argument("--curve-every", type=int,
-                   help="every N edits also score every request edited so far and the general tasks (default 0: "
-                        "only at the end)")
-    p.add_argument("--edit-modules", help="edited layers (default layers:19-21, the paper's MOSE layers)")
-    p.add_argument("--turn-size", type=int, help="requests edited per turn (default 1)")
-    p.add_argument("--diag-every", type=int, help="log stability diagnostics every N edits (default 10)")
-    p.add_argument("--steps", type=int, help="optimisation steps per turn for mose/ft (default 20)")
-    p.add_argument("--lr", type=float, help="Adam learning rate for mose/ft (default 5e-4)")
-    p.add_argument("--n-blocks", type=int, help="MOSE: blocks of the orthogonal matrix (default 4)")
-    p.add_argument("--radius-scale", type=float, help="MOSE: ball radius = scale * n^2 / sqrt(blocks) (1e-5)")
-    p.add_argument("--reference-block", type=int,
-                   help="MOSE: scale the ball to the block, radius = scale * n * REF / sqrt(blocks): the per-entry "
-                        "bound the released formula gives a block of REF (2752: LLaMA-2-7B in 4 blocks)")
-    p.add_argument("--norm-constraint", type=_optional_float,
-                   help="ft: per-turn element-wise bound on the weight change, or none (default 5e-4)")
+    hints = typing.get_type_hints(SequentialConfig)
+    for f in fields(SequentialConfig):
+        if "help" not in f.metadata:
+            continue
+        hint, default = hints[f.name], f.default if f.default is not MISSING else None
+        flag = "--method" if f.name == "methods" else "--" + f.name.replace("_", "-")
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        kwargs = {"dest": f.name, "help": f.metadata["help"] + ("" if default is None else f" (default {shown})")}
+        if f.name == "methods":
+            kwargs.update(nargs="+", choices=METHODS)
+        elif int in typing.get_args(hint) or hint is int:
+            kwargs["type"] = int
+        elif float in typing.get_args(hint) or hint is float:
+            # a float setting whose default is none takes 'none' on the command line
+            kwargs["type"] = _optional_float if type(None) in typing.get_args(hint) else float
+        p.add_argument(flag, **kwargs)
     _general_options(p)
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--record-name", help="name of the result record written beside the report (default: the "
                                          "--out folder's name; copy it to docs/results/ to publish it)")
 

@@ -30,25 +30,38 @@ log = logging.getLogger(__name__)
 METHODS = ("mose", "ft", "horse", "horse_lifelong")
 
 
+def _option(default, help: str):
+    """A setting that is also an ``edit.py sequential`` option (``--name-with-dashes``), with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class SequentialConfig:
-    """Settings of one sequential run (``edit.py sequential``; recipes in ``configs/sequential/``)."""
+    """Settings of one sequential run (``edit.py sequential``; recipes in ``configs/sequential/``). The fields made
+    with ``_option`` are that command's options; the general-ability and tokenisation settings are options shared
+    with ``edit.py edit``."""
 
-    methods: Sequence[str] = ("mose",)
-    model: str = "embedded:smollm2-135m"
-    edit_modules: str | list[str] = "layers:19-21"
-    turn_size: int = 1
-    diag_every: int = 10
-    steps: int = 20
-    lr: float = 5e-4
-    n_blocks: int = 4
-    radius_scale: float = 1e-5
-    reference_block: int | None = None  # MOSE: scale the ball to the block (see MoseEditor)
-    norm_constraint: float | None = 5e-4
-    editor: str | None = None  # exported HORSE editor, for the ``horse`` and ``horse_lifelong`` methods
-    keep_edits: float = 1.0  # horse_lifelong: weight of earlier turns' keys in each turn's solve
-    lifelong_preserve: float | None = None  # horse_lifelong: weight of C0 (None: the editor's own)
-    curve_every: int = 0  # every N edits also score all requests edited so far and the general tasks (0: off)
+    methods: Sequence[str] = _option(("mose",), "sequential editors to run, each on a fresh base model; horse merges "
+                                     "each turn's shifts, horse_lifelong's solves also keep earlier turns' keys")
+    model: str = _option("embedded:smollm2-135m", "base model")
+    edit_modules: str | list[str] = _option("layers:19-21", "edited layers (the MOSE paper's)")
+    turn_size: int = _option(1, "requests edited per turn")
+    diag_every: int = _option(10, "log stability diagnostics every N edits")
+    steps: int = _option(20, "optimisation steps per turn for mose/ft")
+    lr: float = _option(5e-4, "Adam learning rate for mose/ft")
+    n_blocks: int = _option(4, "MOSE: blocks of the orthogonal matrix")
+    radius_scale: float = _option(1e-5, "MOSE: ball radius = scale * n^2 / sqrt(blocks)")
+    reference_block: int | None = _option(None, "MOSE: scale the ball to the block, radius = scale * n * REF / "
+                                                "sqrt(blocks): the per-entry bound the released formula gives a block "
+                                                "of REF (2752: LLaMA-2-7B in 4 blocks); default: the released formula")
+    norm_constraint: float | None = _option(5e-4, "ft: per-turn element-wise bound on the weight change, or none")
+    editor: str | None = _option(None, "exported editor folder, for the horse and horse_lifelong methods")
+    keep_edits: float = _option(1.0, "horse_lifelong: weight nu of earlier turns' keys K^T K in each solve")
+    lifelong_preserve: float | None = _option(None, "horse_lifelong: weight mu of C0 (unrelated text's keys) in each "
+                                                    "solve (None: the editor's)")
+    curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
+                                  "(0: only at the end)")
+    seed: int = _option(0, "random seed")
     general_data: str | None = DEFAULT_GENERAL_DATA
     general_tasks: Sequence[str] = DEFAULT_TASKS
     general_limit: int | None = 200
@@ -56,7 +69,6 @@ class SequentialConfig:
     max_length: int = 256
     dtype: str = "float32"
     device: str = "cpu"
-    seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -117,33 +129,35 @@ class SequentialRun:
     def __init__(self, cfg: SequentialConfig, requests: Sequence[EditRequest], out: Path):
         cfg.check()
         self.cfg, self.requests, self.out = cfg, list(requests), Path(out)
-        torch.manual_seed(cfg.seed)
-        model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        self.table = tokenize_requests(self.tokenizer, self.requests, EVAL_VIEWS, cfg.max_length, where="request")
-        self.collate = EditCollator(EVAL_VIEWS, cfg.batch_size, self.tokenizer.pad_token_id)
         self.turns = [list(range(s, min(s + cfg.turn_size, len(self.requests))))
                       for s in range(0, len(self.requests), cfg.turn_size)]
         # after-post scoring chunks; with a curve, a size that divides curve_every, so each point scores whole chunks
         size = max(d for d in range(1, 65) if cfg.curve_every % d == 0) if cfg.curve_every else 64
         self.chunks = [list(range(s, min(s + size, len(self.requests)))) for s in range(0, len(self.requests), size)]
-        # The unedited model: scores of every request, and the locality argmax LS_agree compares against.
+        self.report: dict = {"config": asdict(cfg), "n_requests": len(self.requests), "methods": {}}
+        self.general: GeneralCheck | None = None
+
+    def score_unedited(self) -> None:
+        """Tokenise the requests and score the unedited model: every request, the locality argmax LS_agree
+        compares against, and the general abilities retention is measured against (the first step of :meth:`run`)."""
+        cfg = self.cfg
         start = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.table = tokenize_requests(self.tokenizer, self.requests, EVAL_VIEWS, cfg.max_length, where="request")
+        self.collate = EditCollator(EVAL_VIEWS, cfg.batch_size, self.tokenizer.pad_token_id)
         self.turn_locality = [self._locality(model, self._batch(t)) for t in self.turns]
         self.chunk_locality, unedited = [], {}
         for chunk in self.chunks:
-            batch = self._batch(chunk)
-            scores = score_batch(model, batch, EVAL_VIEWS)
+            scores = score_batch(model, self._batch(chunk), EVAL_VIEWS)
             self.chunk_locality.append(scores.get("locality"))
             _accumulate(unedited, compute_scores(scores, None))
-        self.report: dict = {"config": asdict(cfg), "n_requests": len(self.requests), "unedited": _summary(unedited),
-                             "methods": {}}
-        self.general = None
+        self.report["unedited"] = _summary(unedited)
         if cfg.general_data and cfg.general_tasks:
             self.general = GeneralCheck(self.tokenizer, cfg.general_data, cfg.general_tasks, cfg.general_limit)
             self.report["general_before"] = self.general.baseline(model)
             self.report["general_tasks"] = self.general.task_table()
         self.report["unedited_seconds"] = time.perf_counter() - start
-        del model
 
     def _batch(self, rows: Sequence[int]) -> EditBatch:
         return self.collate([self.table[i] for i in rows])
@@ -241,6 +255,8 @@ class SequentialRun:
         return {"after_post": _summary(after), "n_scored": n_scored}
 
     def run(self) -> dict:
+        """Score the unedited model, then run every method on a fresh copy of it; the report is written after each."""
+        self.score_unedited()
         for method in self.cfg.methods:
             log.info("sequential %s: %d requests in turns of %d", method, len(self.requests), self.cfg.turn_size)
             self.report["methods"][method] = self.run_method(method)
