@@ -26,9 +26,11 @@ ZSRE = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "par
 SCALE = ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "paraphrase", "neighborhood", "portability")
 # the shipped recipes in the glance table, in this order (records named after them)
 GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse_smollm2_zsre_preserve",
-          "horse_smollm2_zsre_joint", "horse_smollm2_zsre_joint512",
+          "horse_smollm2_zsre_joint", "horse_smollm2_zsre_joint512", "horse_smollm2_zsre_joint512_kl",
+          "malmen_smollm2_zsre_joint512_kl",
           "horse_reference_smollm2_zsre", "malmen_smollm2_zsre", "horse_smollm2_counterfact",
-          "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact", "horse_smollm2_counterfact_joint")
+          "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact", "horse_smollm2_counterfact_joint",
+          "horse_smollm2_counterfact_joint512_kl")
 
 
 def load_records(folder: Path = RECORDS) -> dict[str, dict]:
