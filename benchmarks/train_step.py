@@ -21,13 +21,12 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import machine, write_json  # noqa: E402
+from common import provenance, write_json  # noqa: E402
 
 from horse_pl.timing import TRAIN_STAGES  # noqa: E402
 
@@ -103,7 +102,7 @@ def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
     split = {stage: {"mean": statistics.mean(v), "median": statistics.median(v)} for stage, v in recorder.times.items()}
     rate = (rate_before + rate_after) / 2
     return {
-        "date": date.today().isoformat(), "machine": machine(), "threads": torch.get_num_threads(),
+        "kind": "train_step", "threads": torch.get_num_threads(),
         "config": config, "overrides": extra, "timed_steps": len(recorder.times["step"]), "warmup_steps": warmup,
         "seconds": split, "steps": recorder.times["step"],
         "gflop_per_step": recorder.flops / 1e9,
@@ -115,6 +114,7 @@ def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = "python benchmarks/train_step.py " + " ".join(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1.")
-    report = run(args.config, args.steps, args.warmup, extra)
+    report = {**provenance(command), **run(args.config, args.steps, args.warmup, extra)}
     write_json(report, args.out)
     s = report["seconds"]
     print(f"{report['config']}: {report['timed_steps']} steps after {report['warmup_steps']} warm-up, "

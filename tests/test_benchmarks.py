@@ -88,6 +88,9 @@ def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, c
                       "--data.max_length", "1024"]) == 0
     report = json.loads(out.read_text())
     assert report["timed_steps"] == 2 and len(report["steps"]) == 2
+    assert report["kind"] == "train_step" and report["commit"]  # the record names the run that wrote it
+    assert report["command"].startswith("python benchmarks/train_step.py --steps 2")
+    assert report["command"].endswith("--data.max_length 1024")  # the recipe overrides after -- included
     split = report["seconds"]
     for timed in report["steps"]:
         assert timed > 0
