@@ -27,6 +27,7 @@ SCALE = ("ES", "GS", "LS_agree", "EM_edit", "efficacy", "paraphrase", "neighborh
 # the shipped recipes in the glance table, in this order (records named after them)
 GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse_smollm2_zsre_preserve",
           "horse_smollm2_zsre_joint", "horse_smollm2_zsre_joint512", "horse_smollm2_zsre_joint512_kl",
+          "horse_smollm2_zsre_joint512_kl_long_bf16",
           "horse_smollm2_zsre_joint1024_kl", "malmen_smollm2_zsre_joint512_kl",
           "horse_reference_smollm2_zsre", "malmen_smollm2_zsre", "horse_smollm2_counterfact",
           "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact", "horse_smollm2_counterfact_joint",
