@@ -87,6 +87,7 @@ def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
 
     args = ["--config", config, *extra, "--trainer.max_steps", str(warmup + steps), "--trainer.limit_val_batches", "0",
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+            "--recipe.record", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", tempfile.mkdtemp(prefix="horse_pl-train_step-")]  # never a user's run folder
     built = cli(args, run=False, save_config=False)

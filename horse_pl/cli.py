@@ -15,16 +15,22 @@ from horse_pl.data.tokenize import TokenizationError
 from horse_pl.export import EditorLoadError, read_checkpoint
 from horse_pl.models import ModelLoadError
 from horse_pl.module import EditorModule, FingerprintMismatch
+from horse_pl.recipes import RunPieces, fill_run_pieces
 
 USER_ERRORS = (RecordError, TokenizationError, FingerprintMismatch, ModuleNotFoundError, FileNotFoundError,
                EditorLoadError, ModelLoadError)
 
 
 class HorseCLI(LightningCLI):
-    """LightningCLI whose data module reads the LM's tokenizer from ``model.model``."""
+    """LightningCLI whose data module reads the LM's tokenizer from ``model.model`` and whose runs get their folders,
+    logger, record and checkpoints from the recipe's name (:mod:`horse_pl.recipes`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.model")
+        parser.add_class_arguments(RunPieces, "recipe")
+
+    def before_instantiate_classes(self) -> None:
+        fill_run_pieces(self.config[self.subcommand] if self.subcommand else self.config)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the model's settings with the checkpoint's when resuming; refuse a run that asks

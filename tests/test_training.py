@@ -137,60 +137,53 @@ def test_every_recipe_parses_and_builds_with_the_model_shrunk(config, tiny_llama
         assert every and steps % every == 0, f"{config.name}: last.ckpt would miss the final step {steps}"
 
 
-def test_every_recipe_names_its_own_folders_and_record():
-    """Recipes repeat their trainer block (LightningCLI merges no base file into a group a recipe also sets): the
-    name-bearing entries of each must all be the recipe's own, so a copied recipe cannot write into another's
-    checkpoints, logs or record."""
+def test_recipes_hold_only_what_makes_them_that_recipe():
+    """Folders, logger, record and checkpoints come from the recipe's file name (horse_pl/recipes.py), so no recipe
+    spells them out (a copied recipe cannot write into another's checkpoints, logs or record)."""
     import yaml
 
     for recipe in CONFIGS:
-        trainer = yaml.safe_load(recipe.read_text()).get("trainer", {})
-        folder = f"checkpoints/{recipe.stem}"
-        assert trainer.get("default_root_dir", folder) == folder, recipe.name
-        logger = trainer.get("logger")
-        if isinstance(logger, dict):
-            assert logger["init_args"]["name"] == recipe.stem, recipe.name
-        for callback in trainer.get("callbacks", []):
-            args = callback.get("init_args", {})
-            if callback["class_path"].endswith("ResultsRecorder"):
-                assert args["recipe"] == f"configs/{recipe.name}", recipe.name
-            if callback["class_path"].endswith("ModelCheckpoint"):
-                assert args["dirpath"] == folder, recipe.name
+        config = yaml.safe_load(recipe.read_text())
+        assert not {"default_root_dir", "logger", "callbacks"} & set(config.get("trainer", {})), recipe.name
+        assert set(config.get("recipe", {})) <= {"save_every", "record"}, recipe.name
 
 
-def test_validate_scores_general_retention_of_each_edited_batch(tiny_llama, tmp_path):
-    """``--data.general_tasks``: validation scores the general abilities of the model as each edit batch leaves it
-    against the unedited model: the unedited perplexity is the plain computation, zero shifts (lr 0) retain
-    exactly 1, real shifts change it."""
-    from horse_pl.models import load_model
-    from horse_pl.sequential.general import perplexity, perplexity_texts
+def test_a_recipe_run_is_named_after_its_file_and_its_saved_config_reruns_the_same(tiny_llama, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-    general = {"data.general_tasks": "[open_domain_qa]", "data.general_limit": 8}
-    got = {}
-    for lr in (0.0, 30.0):
-        run = cli(["validate"] + train_args(tiny_llama, tmp_path / str(lr), steps=1, **general, **{"model.lr": lr}))
-        got[lr] = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/general/")}
-    lm, tokenizer = load_model(tiny_llama)
-    expected = perplexity(lm, tokenizer, perplexity_texts("../shared/data/general"))
-    assert got[0.0]["val/general/unedited_perplexity"] == pytest.approx(expected, rel=1e-6)
-    assert "val/general/unedited_open_domain_qa" in got[0.0]
-    assert got[0.0]["val/general/perplexity_retention"] == 1.0
-    # the tiny random model's near-uniform predictions move little, but the scoring sees the shifts
-    assert got[30.0]["val/general/perplexity_retention"] != 1.0
-    off = cli(["validate"] + train_args(tiny_llama, tmp_path / "off", steps=1))
-    assert not any(k.startswith("val/general/") for k in off.trainer.callback_metrics)  # opt-in
+    from horse_pl.records import ResultsRecorder
 
-
-def test_progress_bar_counts_steps_and_edits(tiny_llama, tmp_path):
-    from horse_pl.callbacks import StepProgressBar
-
-    run = cli(["fit"] + train_args(tiny_llama, tmp_path, steps=2, **{"trainer.enable_progress_bar": "true",
-                                                                      "trainer.limit_val_batches": 0}))
-    bar = run.trainer.progress_bar_callback
-    assert isinstance(bar, StepProgressBar) and bar.total_train_batches == 2
-    assert bar._get_train_description(0) == "step 2/2, 16 edits"
-    off = cli(["fit"] + train_args(tiny_llama, tmp_path / "off", steps=1, **{"trainer.limit_val_batches": 0}))
-    assert off.trainer.progress_bar_callback is None  # switched off stays off
+    shrink = ["--model.model", tiny_llama, "--model.edit_modules", "last:2", "--model.rank", "4"]
+    recipe = CONFIGS[0].parent / "quickstart.yaml"
+    run = cli(["--config", str(recipe)] + shrink, run=False)
+    trainer = run.trainer
+    assert trainer.default_root_dir == "checkpoints/quickstart"
+    assert isinstance(trainer.logger, TensorBoardLogger) and trainer.logger.name == "quickstart"
+    assert trainer.logger.save_dir == "lightning_logs"
+    recorders = [cb for cb in trainer.callbacks if isinstance(cb, ResultsRecorder)]
+    assert [(r.recipe, r.name) for r in recorders] == [("configs/quickstart.yaml", "quickstart")]
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    assert sorted((c.dirpath.endswith("checkpoints/quickstart"), c.save_last, c.monitor) for c in checkpoints) == \
+        [(True, False, "val/ES"), (True, True, None)]
+    assert [c._every_n_train_steps for c in checkpoints if c.save_last] == [20]
+    # the config Lightning saves holds the filled-in pieces; parsing it again adds none of them twice
+    saved = tmp_path / "config.yaml"
+    saved.write_text(run.parser.dump(run.config))
+    again = cli(["--config", str(saved)] + shrink, run=False).trainer
+    assert again.default_root_dir == "checkpoints/quickstart" and again.logger.name == "quickstart"
+    assert sorted(type(cb).__name__ for cb in again.callbacks if isinstance(cb, (ResultsRecorder, ModelCheckpoint))) \
+        == ["ModelCheckpoint", "ModelCheckpoint", "ResultsRecorder"]
+    # the command line still decides: no logger, no checkpoints, no record, another folder, another name
+    off = cli(["--config", str(recipe), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+               "--recipe.record", "false", "--trainer.default_root_dir", str(tmp_path / "x")] + shrink, run=False)
+    assert off.trainer.logger is None and off.trainer.default_root_dir == str(tmp_path / "x")
+    assert not [cb for cb in off.trainer.callbacks if isinstance(cb, (ResultsRecorder, ModelCheckpoint))]
+    named = cli(["--config", str(recipe), "--recipe.name", "mine"] + shrink, run=False).trainer
+    assert named.default_root_dir == "checkpoints/mine" and named.logger.name == "mine"
+    # a run without a recipe file stays a plain LightningCLI run
+    plain = cli(shrink + ["--data.train_path", "x.json"], run=False).trainer
+    assert not [cb for cb in plain.callbacks if isinstance(cb, ResultsRecorder)]
 
 
 SMOLLM2_RECIPES = [c for c in CONFIGS if ("smollm2" in c.stem or c.stem == "quickstart") and "ddp" not in c.stem]
