@@ -74,9 +74,8 @@ def fill_run_pieces(config: Namespace) -> None:
         return
     config.recipe = Namespace(name=name, save_every=pieces.get("save_every"), record=pieces.get("record", True))
     trainer = config.trainer
-    folder = f"checkpoints/{name}"
     if trainer.get("default_root_dir") is None:
-        trainer.default_root_dir = folder
+        trainer.default_root_dir = f"checkpoints/{name}"
     if trainer.get("logger") in (None, True):
         trainer.logger = _piece(LOGGER, save_dir="lightning_logs", name=name)
     callbacks = list(trainer.get("callbacks") or [])
