@@ -82,11 +82,12 @@ def run_edit(args: argparse.Namespace) -> None:
     if report.n_invalid:
         print(f"skipped invalid requests: {report.summary()}", file=sys.stderr)
     _note_conflicts(requests)
-    update_args = {k: v for k, v in (("preserve", args.preserve), ("ridge_per_row", args.ridge_per_row))
-                   if v is not None}
+    update_args = {k: v for k, v in (("preserve", args.preserve), ("ridge_per_row", args.ridge_per_row),
+                                     ("preserve_facts", args.preserve_facts)) if v is not None}
     general_data = DEFAULT_GENERAL_DATA if args.general_data is None else args.general_data
     ke = KnowledgeEditor.from_pretrained(args.editor, model=args.model, dtype=args.dtype, device=args.device,
-                                         update_args=update_args, general_data=general_data, update=args.update)
+                                         update_args=update_args, general_data=general_data, update=args.update,
+                                         preserve_facts_data=args.preserve_facts_data)
     general = None
     if args.general:
         if not general_data:
@@ -277,6 +278,12 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve", type=float, default=None,
                    help="preservation weight mu of the solve (mu C0, C0 the key second moment on unrelated text; "
                         "default: the editor's)")
+    p.add_argument("--preserve-facts", type=float, default=None,
+                   help="weight mu_f of a second preservation term, mu_f F, F the key second moment at the answers of "
+                        "known facts (other subjects' facts, which an edit must leave alone; default: the editor's)")
+    p.add_argument("--preserve-facts-data", default=None,
+                   help="records file whose true facts give F (its first 4,096 valid records; default: the one the "
+                        "editor was trained with); keep the requests you edit out of it")
     p.add_argument("--update", choices=("closed_form", "joint_closed_form"), default=None,
                    help="update stage of the solve (default: the editor's); joint_closed_form solves all edit "
                         "modules together")

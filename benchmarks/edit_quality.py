@@ -15,9 +15,10 @@ model's (retention = after / before). Edit time (capture to solve) and peak memo
 
 ``--split eval`` (default) reads the evaluation file; ``--split dev`` the last ``--dev-size`` valid
 records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
-on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,ridge_per_row=C`` /
-``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the same editor, another
-solve). The default editors are the exported recipes:
+on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preserve_facts=MU`` /
+``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
+same editor, another solve); ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The
+default editors are the exported recipes:
 
     gram_schmidt  editors/horse_smollm2_{dataset}            configs/horse_smollm2_{dataset}.yaml
     reference     editors/horse_reference_smollm2_{dataset}  configs/horse_reference_smollm2_{dataset}.yaml
@@ -47,15 +48,16 @@ DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zs
 RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smollm2_{}", "none": "malmen_smollm2_{}"}
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
-UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "update": str}
+UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str}
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
-    """``NAME=FOLDER[,preserve=MU][,ridge_per_row=C][,update=STAGE]`` -> (name, folder, update-stage overrides)."""
+    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE]`` -> (name, folder,
+    update-stage overrides)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise SystemExit(f"error: --editors takes NAME=FOLDER[,preserve=MU][,ridge_per_row=C][,update=STAGE], "
-                         f"not '{spec}'.")
+        raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
+                         f"[,update=STAGE], not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -146,7 +148,8 @@ def evaluate(args) -> dict:
             stage = {k: v for k, v in overrides.items() if k != "update"}
             ke = KnowledgeEditor.from_pretrained(folder, model=args.model, dtype=args.dtype, device=args.device,
                                                  update_args=stage, general_data=args.general_data,
-                                                 update=overrides.get("update"))
+                                                 update=overrides.get("update"),
+                                                 preserve_facts_data=args.preserve_facts_data)
             if args.general:
                 general = GeneralCheck(ke.tokenizer, args.general_data, args.general_tasks, args.general_limit)
                 report["general_unedited"] = general.baseline(ke.model)
@@ -157,7 +160,8 @@ def evaluate(args) -> dict:
             if config.base_fingerprint != ke.config.base_fingerprint:
                 raise SystemExit(f"error: the editor in {folder} was trained on another base model "
                                  f"('{config.base_model}') than the first editor; compare editors of one model.")
-            bind_preservation(editor, ke.model, ke.tokenizer, config.edit_modules, args.general_data)
+            bind_preservation(editor, ke.model, ke.tokenizer, config.edit_modules, args.general_data,
+                              args.preserve_facts_data or config.training.get("preserve_facts_data"))
             ke.editor, ke.config = editor.to(args.device), config
             ke.modules = get_modules(ke.model, config.edit_modules)
         entry = report["editors"][name] = {
@@ -225,13 +229,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
-                   help="NAME=FOLDER[,preserve=MU][,ridge_per_row=C][,update=STAGE] (default: the recipes' editors)")
+                   help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE] "
+                        "(default: the recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "
                                              "ES / GS / LS / LS_agree / EM at 3/7 of the scoring time)")
     p.add_argument("--general", action="store_true", help="score general-ability retention at every N")
     p.add_argument("--general-data", default=str(SHARED / "general"))
+    p.add_argument("--preserve-facts-data", help="records file of the editors' preserve_facts term (default: the one "
+                                                 "each editor was trained with)")
     p.add_argument("--general-tasks", nargs="*", default=["open_domain_qa"], help="tasks scored with --general")
     p.add_argument("--general-limit", type=int, default=200, help="examples per general task")
     p.add_argument("--model", help="base model (default: the editors')")

@@ -79,10 +79,12 @@ class KnowledgeEditor:
     @classmethod
     def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
                         device: str = "cpu", update_args: dict | None = None,
-                        general_data: str = DEFAULT_GENERAL_DATA, update: str | None = None) -> KnowledgeEditor:
+                        general_data: str = DEFAULT_GENERAL_DATA, update: str | None = None,
+                        preserve_facts_data: str | None = None) -> KnowledgeEditor:
         """Load an exported editor and its base model. ``update_args`` override the update stage's saved options
         (e.g. ``{"preserve": 1e4}``), ``update`` the stage (e.g. ``"joint_closed_form"``); ``general_data`` holds
-        the texts of a preservation term's key moments."""
+        the texts of a preservation term's key moments, ``preserve_facts_data`` the records file of a
+        ``preserve_facts`` term (default: the one the editor was trained with)."""
         start = time.perf_counter()
         editor, config = load_editor(editor_dir, update_args, update)
         name = model or config.base_model
@@ -93,7 +95,8 @@ class KnowledgeEditor:
             raise EditorLoadError(f"The editor in '{editor_dir}' was trained on '{config.base_model}' (fingerprint "
                                   f"{config.base_fingerprint}), not on '{name}' (fingerprint {fingerprint}); "
                                   "use the editor's base model or train an editor for this one.")
-        bind_preservation(editor, lm, tokenizer, config.edit_modules, general_data)
+        bind_preservation(editor, lm, tokenizer, config.edit_modules, general_data,
+                          preserve_facts_data or config.training.get("preserve_facts_data"))
         instance = cls(editor.to(device), config, lm, tokenizer, name)
         instance.timings["load"] = time.perf_counter() - start
         return instance

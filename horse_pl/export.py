@@ -189,6 +189,8 @@ def config_from_checkpoint(checkpoint: dict, ckpt_path: str | Path | None = None
 
         training["train_sha256"] = file_sha256(data["train_path"])
     training["global_step"] = checkpoint.get("global_step")
+    if hp.get("preserve_facts_data"):
+        training["preserve_facts_data"] = hp["preserve_facts_data"]
     validation = meta.get("validation") or (_recorded_validation(ckpt_path, checkpoint.get("global_step"))
                                            if ckpt_path else None)
     if validation:

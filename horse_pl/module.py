@@ -61,6 +61,9 @@ class EditorModule(L.LightningModule):
         cache_dtype: dtype of captured keys and value gradients (``float32`` or ``bfloat16``).
         general_data: folder of the general-ability data, whose texts give the key moments of an update stage
             with a preservation term (``ClosedFormUpdate(preserve=...)``).
+        preserve_facts_data: records file whose true facts give the key moments of a ``preserve_facts`` term (the
+            first 4,096 valid records; recipes name their training file, whose last ``dev_size`` records they hold
+            out, so the development split stays unseen); exported editors remember it.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class EditorModule(L.LightningModule):
         chunk_size: int = 1024,
         cache_dtype: str = "float32",
         general_data: str = DEFAULT_GENERAL_DATA,
+        preserve_facts_data: str | None = None,
     ):
         super().__init__()
         if meta_lr_schedule not in ("constant", "cosine"):
@@ -113,7 +117,8 @@ class EditorModule(L.LightningModule):
         shapes = [weight_shape(m) for m in get_modules(lm, self.module_names)]
         self.editor = Editor(shapes, hp.rank, hp.n_blocks, hp.lr, self.spread_stage, self.update_stage,
                              hp.positions, hp.learn_lambda, hp.chunk_size, parse_dtype(hp.cache_dtype))
-        bind_preservation(self.editor, lm, tokenizer, self.module_names, hp.general_data)
+        bind_preservation(self.editor, lm, tokenizer, self.module_names, hp.general_data,
+                          hp.get("preserve_facts_data"))
         self.lm = lm  # registered last: a frozen submodule, dropped from checkpoints below
         self.fingerprint = model_fingerprint(lm)
 

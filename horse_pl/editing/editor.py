@@ -73,19 +73,28 @@ class Editor(nn.Module):
         # rows (requests) of the training micro-batches, 0 until trained; saved with the editor
         self.register_buffer("micro_batch_rows", torch.zeros((), dtype=torch.int64))
 
-    def bind_key_moments(self, moments: Sequence[torch.Tensor]) -> None:
-        """Give the update stage each edit module's ``C0`` (:func:`horse_pl.editing.key_stats.cached_key_moments`).
-        They are buffers that move with the editor but are never saved: they come from the base model."""
+    def bind_key_moments(self, moments: Sequence[torch.Tensor], kind: str = "key") -> None:
+        """Give the update stage each edit module's ``C0`` (``kind="key"``,
+        :func:`horse_pl.editing.key_stats.cached_key_moments`) or ``F`` (``kind="fact"``, the keys at known facts'
+        answers, :func:`horse_pl.editing.key_stats.cached_fact_moments`). They are buffers that move with the editor
+        but are never saved: they come from the base model."""
         if len(moments) != self.n_modules:
-            raise ValueError(f"Got key moments for {len(moments)} modules; the editor edits {self.n_modules}.")
+            raise ValueError(f"Got {kind} moments for {len(moments)} modules; the editor edits {self.n_modules}.")
         for position, moment in enumerate(moments):
-            self.register_buffer(f"key_moment_{position}", moment, persistent=False)
+            self.register_buffer(f"{kind}_moment_{position}", moment, persistent=False)
+
+    def _moments(self, kind: str) -> list[torch.Tensor] | None:
+        if not hasattr(self, f"{kind}_moment_0"):
+            return None
+        return [getattr(self, f"{kind}_moment_{p}") for p in range(self.n_modules)]
 
     @property
     def key_moments(self) -> list[torch.Tensor] | None:
-        if not hasattr(self, "key_moment_0"):
-            return None
-        return [getattr(self, f"key_moment_{p}") for p in range(self.n_modules)]
+        return self._moments("key")
+
+    @property
+    def fact_moments(self) -> list[torch.Tensor] | None:
+        return self._moments("fact")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # editors saved before micro_batch_rows existed load with it unknown (0: no rescaling in capture)
@@ -142,7 +151,7 @@ class Editor(nn.Module):
             spread_residuals = self.spread(residuals, cap.value_grads, all_reduce)
         with stage("solve"):
             solved, factors = self.update.solve(update_keys, spread_residuals, self.log_lambdas(), all_reduce,
-                                                self.key_moments)
+                                                self.key_moments, self.fact_moments)
             shifts = [shift.detach().requires_grad_(requires_grad) for shift in solved]
         state = EditState(update_keys, residuals, spread_residuals, shifts, factors=factors)
         if keep_graph:

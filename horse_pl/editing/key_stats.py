@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ from horse_pl.edit_modules import get_modules
 from horse_pl.models import cache_dir, model_fingerprint
 
 DEFAULT_GENERAL_DATA = "../shared/data/general"
+FACT_VIEWS = ("edit_true", "locality")  # a request's known facts: prompt + true answer, unrelated prompt + answer
+DEFAULT_FACT_LIMIT = 4096  # records of a facts file whose answers F is taken over
 PERPLEXITY_TEXTS = 64  # the first summaries measure perplexity (horse_pl.sequential.general); C0 uses the rest
 
 
@@ -50,9 +52,10 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def key_second_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module], texts: Sequence[str],
-                       batch_size: int = 16, max_length: int = 128) -> list[torch.Tensor]:
-    """``mean_t k_t k_t^T`` of each module's input over every non-padding token of ``texts`` (fp32)."""
+def _masked_second_moments(model: nn.Module, modules: Sequence[nn.Module],
+                           batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """``mean_t k_t k_t^T`` of each module's input over the positions ``t`` that ``positions`` marks, for batches
+    of (input_ids, attention_mask, positions) (fp32)."""
     sums: list[torch.Tensor | None] = [None] * len(modules)
     count, fired = 0, set()
     mask_now: list[torch.Tensor] = []
@@ -69,14 +72,12 @@ def key_second_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module]
     handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_length)
-            mask_now[:] = [enc["attention_mask"].bool().to(device)]
+        for input_ids, attention_mask, positions in batches:
+            mask_now[:] = [positions.bool().to(device)]
             count += int(mask_now[0].sum())
             fired.clear()
             try:
-                model(input_ids=enc["input_ids"].to(device), attention_mask=mask_now[0].long())
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
             except _Stop:
                 pass
     finally:
@@ -85,17 +86,43 @@ def key_second_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module]
     return [(s / count).float() for s in sums]
 
 
-def cached_key_moments(model: nn.Module, tokenizer, module_names: Sequence[str],
-                       general_data: str | Path = DEFAULT_GENERAL_DATA, n_texts: int = 512) -> list[torch.Tensor]:
-    """:func:`key_second_moments` of the named edit modules on :func:`preservation_texts`, cached under the
-    model's fingerprint (``$HORSE_PL_CACHE/key_stats``); recomputed when the model, modules or texts change."""
-    texts = preservation_texts(general_data, n_texts)
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), list(module_names), texts]).encode()).hexdigest()[:24]
+def key_second_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module], texts: Sequence[str],
+                       batch_size: int = 16, max_length: int = 128) -> list[torch.Tensor]:
+    """``mean_t k_t k_t^T`` of each module's input over every non-padding token of ``texts`` (fp32)."""
+    def batches():
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length)
+            yield enc["input_ids"], enc["attention_mask"], enc["attention_mask"]
+    return _masked_second_moments(model, modules, batches())
+
+
+def fact_key_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module], requests: Sequence,
+                     batch_size: int = 32, max_length: int = 256) -> list[torch.Tensor]:
+    """``mean_t k_t k_t^T`` of each module's input at the answer tokens of facts the model should keep: each
+    request's prompt with its true answer (``edit_true``, where known) and its unrelated prompt with that prompt's
+    answer (``locality``). These are the keys an edit meets at other subjects' answers (the neighbourhood), where
+    :func:`key_second_moments`' plain text has few."""
+    from horse_pl.data.batch import edit_batch
+    from horse_pl.data.tokenize import IGNORE_INDEX
+
+    batch = edit_batch(tokenizer, requests, FACT_VIEWS, batch_size, max_length, where="preservation fact")
+    micro_batches = [mb for view in FACT_VIEWS for mb in batch[view]]
+    if not micro_batches:
+        raise ValueError("The preservation facts hold no prompt with a known answer (true answers or unrelated "
+                         "prompts with answers); give records of zsRE, CounterFact or the plain layout with them.")
+    return _masked_second_moments(model, modules, ((mb["input_ids"], mb["attention_mask"],
+                                                    mb["labels"] != IGNORE_INDEX) for mb in micro_batches))
+
+
+def _cached(name_parts: list, module_names: Sequence[str], compute) -> list[torch.Tensor]:
+    """Moments stored under ``$HORSE_PL_CACHE/key_stats`` by a hash of what they were computed from."""
+    key = hashlib.sha256(json.dumps(name_parts).encode()).hexdigest()[:24]
     path = cache_dir() / "key_stats" / f"{key}.safetensors"
     if path.is_file():
         stored = load_file(str(path))
         return [stored[name] for name in module_names]
-    moments = key_second_moments(model, tokenizer, get_modules(model, module_names), texts)
+    moments = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({n: m.contiguous() for n, m in zip(module_names, moments)}, str(tmp))
@@ -103,8 +130,42 @@ def cached_key_moments(model: nn.Module, tokenizer, module_names: Sequence[str],
     return moments
 
 
+def cached_key_moments(model: nn.Module, tokenizer, module_names: Sequence[str],
+                       general_data: str | Path = DEFAULT_GENERAL_DATA, n_texts: int = 512) -> list[torch.Tensor]:
+    """:func:`key_second_moments` of the named edit modules on :func:`preservation_texts`, cached under the
+    model's fingerprint (``$HORSE_PL_CACHE/key_stats``); recomputed when the model, modules or texts change."""
+    texts = preservation_texts(general_data, n_texts)
+    return _cached([model_fingerprint(model), list(module_names), texts], module_names,
+                   lambda: key_second_moments(model, tokenizer, get_modules(model, module_names), texts))
+
+
+def cached_fact_moments(model: nn.Module, tokenizer, module_names: Sequence[str], facts: str | Path,
+                        limit: int = DEFAULT_FACT_LIMIT) -> list[torch.Tensor]:
+    """:func:`fact_key_moments` of the named edit modules on the first ``limit`` valid records of the records file
+    ``facts`` (zsRE, CounterFact, KnowEdit or plain layout), cached like :func:`cached_key_moments` (by the file's
+    sha256). Keep the requests you will edit, and any records you tune or report on, out of ``facts``: give the
+    editor's training file, whose first records recipes train on and whose last ``dev_size`` they hold out."""
+    from horse_pl.data.records import load_requests
+
+    path = Path(facts)
+    if not path.is_file():
+        raise FileNotFoundError(f"Preservation facts file '{path}' does not exist; give a records file (for example "
+                                "the editor's training file) or turn preserve_facts off.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    requests, _ = load_requests(path, skip_invalid=True, limit=limit)
+    return _cached([model_fingerprint(model), list(module_names), "facts", digest, limit], module_names,
+                   lambda: fact_key_moments(model, tokenizer, get_modules(model, module_names), requests))
+
+
 def bind_preservation(editor, model: nn.Module, tokenizer, module_names: Sequence[str],
-                      general_data: str | Path = DEFAULT_GENERAL_DATA) -> None:
-    """Give ``editor`` the key moments its update stage needs (nothing when it has no preservation term)."""
+                      general_data: str | Path = DEFAULT_GENERAL_DATA, facts: str | Path | None = None) -> None:
+    """Give ``editor`` the key moments its update stage needs: ``C0`` from ``general_data`` for ``preserve``, ``F``
+    from the records file ``facts`` for ``preserve_facts`` (nothing when it has no preservation term)."""
     if editor.update.needs_key_moments:
         editor.bind_key_moments(cached_key_moments(model, tokenizer, module_names, general_data))
+    if getattr(editor.update, "needs_fact_moments", False):
+        if facts is None:
+            raise ValueError(f"The editor's update stage has preserve_facts={editor.update.preserve_facts} but no "
+                             "preservation facts file was given; pass one (--preserve-facts-data FILE, "
+                             "model.preserve_facts_data) or set preserve_facts to 0.")
+        editor.bind_key_moments(cached_fact_moments(model, tokenizer, module_names, facts), kind="fact")

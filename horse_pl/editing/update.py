@@ -10,7 +10,9 @@ Two pluggable stages:
   ``dL/dlambda = -exp(lambda) <M^-1 K G_W, M^-1 R~>``, cheaper and better conditioned in fp32.
   Two named options for editing many facts at once: ``preserve`` adds ``mu C0`` to ``S`` (``C0`` the
   second moment of the module's keys on unrelated text, :mod:`horse_pl.editing.key_stats`; MEMIT's
-  preservation term), so the solve also keeps the module's outputs on those keys; ``ridge_per_row``
+  preservation term), so the solve also keeps the module's outputs on those keys; ``preserve_facts`` adds
+  ``mu_f F``, ``F`` the second moment of the keys at the answers of known facts (other subjects' facts, the
+  neighbourhood an edit must leave alone; :func:`horse_pl.editing.key_stats.fact_key_moments`); ``ridge_per_row``
   adds ``c N`` to the ridge (N = key rows), a ridge that grows with the number of edits. Neither
   changes the gradient's form: ``S`` does not depend on the residuals.
 - :class:`OuterProductUpdate` (MEND): ``dW = sum_i k~_i (-lr g~_i)^T``, no solve.
@@ -55,12 +57,13 @@ class ParamShiftUpdate:
         raise NotImplementedError
 
     needs_key_moments = False
+    needs_fact_moments = False
 
     def init_args(self) -> dict:
         """The constructor arguments (saved with exported editors)."""
         return {}
 
-    def factor(self, update_keys, log_lambda, all_reduce: AllReduce = LOCAL, key_moments=None):
+    def factor(self, update_keys, log_lambda, all_reduce: AllReduce = LOCAL, key_moments=None, fact_moments=None):
         """Whatever the solve needs that both ``param_shift`` and ``shift_grads`` of one step share (or None)."""
         return None
 
@@ -74,10 +77,13 @@ class ParamShiftUpdate:
 
     def solve(self, update_keys: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor],
               log_lambdas: Sequence[torch.Tensor], all_reduce: AllReduce = LOCAL,
-              key_moments: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list]:
+              key_moments: Sequence[torch.Tensor] | None = None,
+              fact_moments: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list]:
         """The shifts of every edit module (fp32) and the factors their gradients reuse: one solve per module."""
         moments = key_moments or [None] * len(update_keys)
-        factors = [self.factor(k, lam, all_reduce, m) for k, lam, m in zip(update_keys, log_lambdas, moments)]
+        facts = fact_moments or [None] * len(update_keys)
+        factors = [self.factor(k, lam, all_reduce, m, f)
+                   for k, lam, m, f in zip(update_keys, log_lambdas, moments, facts)]
         shifts = [self.param_shift(k, r, lam, all_reduce, f)
                   for k, r, lam, f in zip(update_keys, residuals, log_lambdas, factors)]
         return shifts, factors
@@ -121,38 +127,62 @@ class ClosedFormUpdate(ParamShiftUpdate):
             ``mu`` counts how many tokens of unrelated text the solve keeps unchanged beside the edits. Needs the
             key moments (``key_moments``), and the d x d form.
         ridge_per_row: ``c`` of an extra ridge ``c N`` that grows with the number of key rows ``N``.
+        preserve_facts: weight ``mu_f`` of a second preservation term ``mu_f F`` (0: none), ``F`` the mean second
+            moment of the keys at the answer tokens of known facts (``fact_moments``): how many answer tokens of
+            other facts the solve keeps unchanged. Needs the d x d form.
     """
 
     name = "closed_form"
     uses_lambda = True
 
-    def __init__(self, form: str = "auto", preserve: float = 0.0, ridge_per_row: float = 0.0):
+    def __init__(self, form: str = "auto", preserve: float = 0.0, ridge_per_row: float = 0.0,
+                 preserve_facts: float = 0.0):
         if form not in ("auto", "primal", "kernel"):
             raise ValueError(f"ClosedFormUpdate form must be 'auto', 'primal' or 'kernel', not '{form}'.")
-        if preserve < 0 or ridge_per_row < 0:
-            raise ValueError(f"ClosedFormUpdate preserve ({preserve}) and ridge_per_row ({ridge_per_row}) must be "
-                             "at least 0.")
-        if preserve and form == "kernel":
-            raise ValueError("ClosedFormUpdate(preserve > 0) needs form 'auto' or 'primal': the preservation term is "
-                             "a d x d matrix that the kernel form cannot hold.")
+        if preserve < 0 or ridge_per_row < 0 or preserve_facts < 0:
+            raise ValueError(f"ClosedFormUpdate preserve ({preserve}), ridge_per_row ({ridge_per_row}) and "
+                             f"preserve_facts ({preserve_facts}) must be at least 0.")
+        if (preserve or preserve_facts) and form == "kernel":
+            raise ValueError("ClosedFormUpdate(preserve or preserve_facts > 0) needs form 'auto' or 'primal': the "
+                             "preservation term is a d x d matrix that the kernel form cannot hold.")
         self.form, self.preserve, self.ridge_per_row = form, preserve, ridge_per_row
+        self.preserve_facts = preserve_facts
 
     @property
     def needs_key_moments(self) -> bool:
         return self.preserve > 0
 
+    @property
+    def needs_fact_moments(self) -> bool:
+        return self.preserve_facts > 0
+
     def init_args(self) -> dict:
         """The constructor arguments (saved with exported editors)."""
-        return {"form": self.form, "preserve": self.preserve, "ridge_per_row": self.ridge_per_row}
+        return {"form": self.form, "preserve": self.preserve, "ridge_per_row": self.ridge_per_row,
+                "preserve_facts": self.preserve_facts}
+
+    def preservation(self, key_moments, fact_moments) -> torch.Tensor | None:
+        """``mu C0 + mu_f F`` of one module (None when neither term is on); one-sentence errors for a missing one."""
+        terms = []
+        for weight, moments, what, option in ((self.preserve, key_moments, "key moments", "preserve"),
+                                              (self.preserve_facts, fact_moments, "fact key moments",
+                                               "preserve_facts")):
+            if weight:
+                if moments is None:
+                    raise ValueError(f"{type(self).__name__}({option} > 0) needs the edit modules' {what}; build the "
+                                     "editor through EditorModule or KnowledgeEditor, which compute them.")
+                terms.append(weight * _f(moments))
+        return sum(terms) if terms else None
 
     def residuals(self, keys, pseudo_keys, pseudo_grads, lr):
         return keys, -lr * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
 
-    def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None) -> RidgeFactor:
+    def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None, fact_moments=None) -> RidgeFactor:
         """Cholesky factor of ``S`` (``K^T K`` summed across processes) or of the kernel matrix ``M``."""
         keys = _f(update_keys)
         one_process = not all_reduce.is_distributed
-        kernel = self.form == "kernel" or (self.form == "auto" and one_process and not self.preserve
+        preservation = self.preservation(key_moments, fact_moments)
+        kernel = self.form == "kernel" or (self.form == "auto" and one_process and preservation is None
                                            and keys.shape[0] < keys.shape[1])
         if kernel and not one_process:
             raise ValueError("ClosedFormUpdate(form='kernel') needs all key rows in one process; use form='auto' "
@@ -163,11 +193,8 @@ class ClosedFormUpdate(ParamShiftUpdate):
             rows = all_reduce(torch.tensor(float(keys.shape[0]), dtype=keys.dtype, device=keys.device))
             ridge = ridge + self.ridge_per_row * rows
         gram.diagonal().add_(ridge)
-        if self.preserve:
-            if key_moments is None:
-                raise ValueError("ClosedFormUpdate(preserve > 0) needs the edit modules' key moments; build the "
-                                 "editor through EditorModule or KnowledgeEditor, which compute them.")
-            gram = gram + self.preserve * _f(key_moments)
+        if preservation is not None:
+            gram = gram + preservation.to(gram.dtype)
         return RidgeFactor(torch.linalg.cholesky(gram), kernel)
 
     def param_shift(self, update_keys, residuals, log_lambda, all_reduce=LOCAL, factor=None):
@@ -208,28 +235,28 @@ class JointClosedFormUpdate(ClosedFormUpdate):
     ``G_l = dL/d(dW_l)``: ``dL/dR~_l = M^-1 sum_j K_j A_j^-1 G_j``, the same for every module. Lambda is not learnt
     (``learn_lambda`` has no effect); all key rows must be in one process (no DDP).
 
-    Args: ``preserve`` and ``ridge_per_row`` as in :class:`ClosedFormUpdate`.
+    Args: ``preserve``, ``ridge_per_row`` and ``preserve_facts`` as in :class:`ClosedFormUpdate`.
     """
 
     name = "joint_closed_form"
     uses_lambda = False
 
-    def __init__(self, preserve: float = 0.0, ridge_per_row: float = 0.0):
-        super().__init__("primal", preserve, ridge_per_row)
+    def __init__(self, preserve: float = 0.0, ridge_per_row: float = 0.0, preserve_facts: float = 0.0):
+        super().__init__("primal", preserve, ridge_per_row, preserve_facts)
 
     def init_args(self) -> dict:
-        return {"preserve": self.preserve, "ridge_per_row": self.ridge_per_row}
+        return {"preserve": self.preserve, "ridge_per_row": self.ridge_per_row, "preserve_facts": self.preserve_facts}
 
-    def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None):
+    def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None, fact_moments=None):
         raise NotImplementedError("JointClosedFormUpdate solves all modules together: use solve().")
 
-    def solve(self, update_keys, residuals, log_lambdas, all_reduce=LOCAL, key_moments=None):
+    def solve(self, update_keys, residuals, log_lambdas, all_reduce=LOCAL, key_moments=None, fact_moments=None):
         if all_reduce.is_distributed:
             raise ValueError("JointClosedFormUpdate needs all key rows in one process; train it on one device, or "
                              "use ClosedFormUpdate under DDP.")
-        if self.preserve and key_moments is None:
-            raise ValueError("JointClosedFormUpdate(preserve > 0) needs the edit modules' key moments; build the "
-                             "editor through EditorModule or KnowledgeEditor, which compute them.")
+        moments = key_moments or [None] * len(update_keys)
+        facts = fact_moments or [None] * len(update_keys)
+        preservations = [self.preservation(m, f) for m, f in zip(moments, facts)]
         keys = [_f(k) for k in update_keys]
         n_rows = keys[0].shape[0]
         kernel = torch.eye(n_rows, dtype=keys[0].dtype, device=keys[0].device)
@@ -237,8 +264,8 @@ class JointClosedFormUpdate(ClosedFormUpdate):
         for position, k in enumerate(keys):
             ridge = torch.exp(log_lambdas[position].detach().to(k.dtype)) + self.ridge_per_row * n_rows
             a = torch.eye(k.shape[1], dtype=k.dtype, device=k.device) * ridge
-            if self.preserve:
-                a = a + self.preserve * _f(key_moments[position])
+            if preservations[position] is not None:
+                a = a + preservations[position].to(k.dtype)
             k_solved = torch.cholesky_solve(k.T, torch.linalg.cholesky(a)).T  # K A^-1 (A symmetric)
             solved.append(k_solved)
             kernel = kernel + k_solved @ k.T
