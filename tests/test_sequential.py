@@ -300,3 +300,37 @@ def test_general_tasks_load_and_score(tiny_llama):
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     assert general.perplexity(model, tok, texts) == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_turns_with_preserve_facts_solve_with_the_known_facts_term(editor_dir, tiny_llama, tmp_path, monkeypatch):
+    from conftest import small_zsre
+
+    from horse_pl.editing.key_stats import cached_fact_moments
+    from horse_pl.export import load_editor
+    from horse_pl.sequential.runner import build_editor
+
+    monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))
+    facts, mu_f = small_zsre()[0], 1e5
+    model, tok = load_model(tiny_llama)
+    cfg = _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), preserve_facts=mu_f,
+                  preserve_facts_data=facts)
+    horse = build_editor("horse_lifelong", model, cfg, [])
+    assert horse.editor.update.preserve_facts == mu_f and horse.editor.fact_moments is not None
+    moments = cached_fact_moments(model, tok, horse.edit_modules, facts)
+    turn = _turns(tok, n=1)[0]
+    # the first turn (no memory yet) is the editor's own solve with mu_f F as its preservation term
+    reference, _ = load_editor(editor_dir / "editor", {"preserve": mu_f})
+    reference.bind_key_moments(moments)
+    plain, _ = load_editor(editor_dir / "editor")
+    with torch.no_grad():
+        expected = reference.param_shifts(reference.capture(model, horse.layers, turn)).param_shifts
+        without = plain.param_shifts(plain.capture(model, horse.layers, turn)).param_shifts
+    before = horse.weights()
+    horse.edit(turn)
+    for b, a, shift, other in zip(before, horse.weights(), expected, without):
+        scale = float(shift.abs().max())
+        assert scale > 0 and torch.allclose(a - b, shift.T, rtol=0, atol=1e-3 * scale)
+        assert float((shift - other).norm()) > 0.05 * float(other.norm())  # the term changes the solve
+    with pytest.raises(ValueError, match="preserve-facts-data"):
+        no_file = _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), preserve_facts=1.0)
+        build_editor("horse", load_model(tiny_llama)[0], no_file, [])

@@ -172,7 +172,8 @@ class HorseTurnEditor:
     ``mu C0 + nu sum_{earlier turns} K^T K``: ``C0`` the second moment of its keys on unrelated text (weight
     ``preserve``), ``K`` the update keys of every earlier turn (weight ``keep_edits``), so a turn's least squares
     also keeps the module's outputs on earlier edits' keys (MEMIT's sequential form; one row of an earlier edit
-    weighs ``keep_edits`` rows of this turn's residual fit).
+    weighs ``keep_edits`` rows of this turn's residual fit). An editor with ``preserve_facts`` adds ``mu_f F`` (the
+    keys at known facts' answers, bound on the editor) to every turn's solve, plain or lifelong.
 
     Args:
         key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0).

@@ -59,6 +59,10 @@ class SequentialConfig:
     keep_edits: float = _option(1.0, "horse_lifelong: weight nu of earlier turns' keys K^T K in each solve")
     lifelong_preserve: float | None = _option(None, "horse_lifelong: weight mu of C0 (unrelated text's keys) in each "
                                                     "solve (None: the editor's)")
+    preserve_facts: float | None = _option(None, "horse, horse_lifelong: weight mu_f of F (the keys at known facts' "
+                                                 "answers) in each solve (None: the editor's)")
+    preserve_facts_data: str | None = _option(None, "records file whose true facts give F (None: the one the editor "
+                                                    "was trained with); keep the edited requests out of it")
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
                                   "(0: only at the end)")
     seed: int = _option(0, "random seed")
@@ -90,7 +94,7 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
     if method in ("horse", "horse_lifelong"):
-        from horse_pl.editing.key_stats import bind_preservation, cached_key_moments
+        from horse_pl.editing.key_stats import bind_preservation, cached_fact_moments, cached_key_moments
         from horse_pl.export import EditorLoadError, load_editor
         from horse_pl.models import load_tokenizer, model_fingerprint
 
@@ -100,10 +104,22 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
                                   f"'{cfg.model}'; pass the editor's base model with --model.")
         general_data = cfg.general_data or DEFAULT_GENERAL_DATA
         editor = editor.to(cfg.device)
+        if cfg.preserve_facts is not None:
+            if not hasattr(editor.update, "preserve_facts"):
+                raise ValueError(f"--preserve-facts needs an editor with a closed-form solve; '{editor.update.name}' "
+                                 "(MEND's outer product) has none.")
+            editor.update.preserve_facts = cfg.preserve_facts
+        if getattr(editor.update, "needs_fact_moments", False):
+            facts = cfg.preserve_facts_data or config.training.get("preserve_facts_data")
+            if facts is None:
+                raise ValueError("preserve_facts > 0 needs a records file of known facts; pass --preserve-facts-data.")
+            editor.bind_key_moments(cached_fact_moments(model, load_tokenizer(cfg.model), config.edit_modules, facts),
+                                    kind="fact")
         if method == "horse":
             # an editor trained with a preservation term needs its key moments on the unedited model
-            bind_preservation(editor, model, load_tokenizer(cfg.model) if editor.update.needs_key_moments else None,
-                              config.edit_modules, general_data)
+            if editor.update.needs_key_moments:
+                bind_preservation(editor, model, load_tokenizer(cfg.model), config.edit_modules, general_data,
+                                  cfg.preserve_facts_data or config.training.get("preserve_facts_data"))
             return HorseTurnEditor(model, editor, config.edit_modules)
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
         moments = (cached_key_moments(model, load_tokenizer(cfg.model), config.edit_modules, general_data)
