@@ -94,7 +94,7 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
     if method in ("horse", "horse_lifelong"):
-        from horse_pl.editing.key_stats import bind_preservation, cached_fact_moments, cached_key_moments
+        from horse_pl.editing.key_stats import bind_preservation, cached_key_moments
         from horse_pl.export import EditorLoadError, load_editor
         from horse_pl.models import load_tokenizer, model_fingerprint
 
@@ -109,17 +109,13 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
                 raise ValueError(f"--preserve-facts needs an editor with a closed-form solve; '{editor.update.name}' "
                                  "(MEND's outer product) has none.")
             editor.update.preserve_facts = cfg.preserve_facts
-        if getattr(editor.update, "needs_fact_moments", False):
-            facts = cfg.preserve_facts_data or config.training.get("preserve_facts_data")
-            if facts is None:
-                raise ValueError("preserve_facts > 0 needs a records file of known facts; pass --preserve-facts-data.")
-            editor.bind_key_moments(cached_fact_moments(model, load_tokenizer(cfg.model), config.edit_modules, facts),
-                                    kind="fact")
+        update = editor.update
+        if update.needs_key_moments or update.needs_fact_moments:
+            # an editor with a preservation term needs its key moments on the unedited model (lifelong turns rebind
+            # C0 with their own weight, the facts' F stays)
+            bind_preservation(editor, model, load_tokenizer(cfg.model), config.edit_modules, general_data,
+                              cfg.preserve_facts_data or config.training.get("preserve_facts_data"))
         if method == "horse":
-            # an editor trained with a preservation term needs its key moments on the unedited model
-            if editor.update.needs_key_moments:
-                bind_preservation(editor, model, load_tokenizer(cfg.model), config.edit_modules, general_data,
-                                  cfg.preserve_facts_data or config.training.get("preserve_facts_data"))
             return HorseTurnEditor(model, editor, config.edit_modules)
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
         moments = (cached_key_moments(model, load_tokenizer(cfg.model), config.edit_modules, general_data)
