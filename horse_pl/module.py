@@ -51,7 +51,8 @@ class EditorModule(L.LightningModule):
         min_meta_lr_ratio: the cosine schedule's final fraction of ``meta_lr``.
         spread: residual spread stage (default HORSE ``GramSchmidtSpread``; ``ReferenceSpread``, MALMEN ``NoSpread``).
         update: how residuals become shifts (default ``ClosedFormUpdate``; MEND ``OuterProductUpdate``).
-        positions: capture at ``answer`` tokens (HORSE/MALMEN) or ``all`` tokens (MEND).
+        positions: capture at ``answer`` tokens (HORSE/MALMEN), ``all`` tokens (MEND) or the ``subject``'s last
+            prompt token (MEMIT's key: one row per edit, apart from other subjects' facts of the same relation).
         learn_lambda: learn the ridge coefficient (MALMEN) or keep ``lambda = 0`` (HORSE).
         locality: ``ce`` (HORSE: cross-entropy of the unrelated answer) or ``kl`` (MALMEN/MEND: KL to the
             unedited model on the unrelated answer positions).
@@ -79,7 +80,7 @@ class EditorModule(L.LightningModule):
         min_meta_lr_ratio: float = 0.0,
         spread: Spread | None = None,
         update: ParamShiftUpdate | None = None,
-        positions: Literal["answer", "all"] = "answer",
+        positions: Literal["answer", "all", "subject"] = "answer",
         learn_lambda: bool = False,
         locality: Literal["ce", "kl"] = "ce",
         loc_coef: float = 1.0,

@@ -177,6 +177,22 @@ def _scale_section(name: str, r: dict) -> list[str]:
     return out + [""]
 
 
+def _geometry_section(name: str, r: dict) -> list[str]:
+    out = [f"### Key geometry: `{name}` ({r['dataset']}, {r['split']} split)", "",
+           f"`{r['command']}` — {_when(r)}, {r['machine']}.", "",
+           f"Requests: the first {r['n_requests']} of {r['data']}; C0 from {r['preservation_texts']} preservation "
+           "texts. C0-whitened cosine of the edit prompt's key against:", ""]
+    pairs = list(next(iter(r["layers"].values())))
+    out += _table(["layer"] + [p.replace("_", " ") for p in pairs],
+                  [[layer] + [_f(row.get(p)) for p in pairs] for layer, row in r["layers"].items()])
+    out += ["", "*answer*: the last prompt token (answer-keyed editors capture there); *subject*: the subject's last "
+                "token (positions: subject); *neighbour max*: the closest key at any position of the neighbourhood "
+                "prompt and answer."]
+    if (RECORDS / f"{name}.png").exists():
+        out += ["", f"![{name}](results/{name}.png)"]
+    return out + ([""] + [r["finding"]] if r.get("finding") else []) + [""]
+
+
 def _sequential_section(name: str, r: dict) -> list[str]:
     keys = ["efficacy", "paraphrase", "neighborhood", "ES", "GS", "LS"]
     out = [f"### Sequential editing: `{name}`", "", f"`{r['command']}` — {_when(r)}.", "", r.get("protocol", ""), ""]
@@ -269,6 +285,11 @@ def results_md(records: dict[str, dict]) -> str:
         out += ["## Many edits at once (benchmarks/edit_quality.py)", ""]
         for name, r in scale:
             out += _scale_section(name, r)
+    geometry = [(n, r) for n, r in records.items() if r.get("kind") == "key_geometry"]
+    if geometry:
+        out += ["## Where edits act (benchmarks/key_geometry.py)", ""]
+        for name, r in geometry:
+            out += _geometry_section(name, r)
     sequential = [(n, r) for n, r in records.items() if r.get("kind") == "sequential"]
     if sequential:
         out += ["## Sequential and lifelong editing", ""]

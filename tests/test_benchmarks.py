@@ -135,3 +135,28 @@ def test_random_model_has_the_published_shapes():
     assert RANDOM_CONFIGS["llama2-7b"]["intermediate_size"] == 11008  # LLaMA-2-7B's MLP
     with pytest.raises(ValueError, match="Unknown random model"):
         load_model("random:gpt-9")
+
+
+def test_key_geometry_compares_the_positions_it_names(tiny_llama, tmp_path):
+    """On records whose paraphrase and neighbourhood prompt are the edit prompt itself (with the same answer), every
+    pair it measures is a key against itself: whitened cosine 1; on real records they are below 1."""
+    import gzip
+
+    geometry = _load("key_geometry")
+    records = json.load(gzip.open(ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10k.json.gz"))
+    mirrored = [dict(r, rephrase_prompt=r["prompt"], locality_prompt=r["prompt"], locality_ground_truth=r["target_new"])
+                for r in records[:6]]
+    (tmp_path / "mirror.json").write_text(json.dumps(mirrored))
+    (tmp_path / "real.json").write_text(json.dumps(records[:6]))
+    for name in ("mirror", "real"):
+        assert geometry.main(["--split", "eval", "--data", str(tmp_path / f"{name}.json"), "--n", "6", "--layers",
+                              "1", "2", "--texts", "16", "--model", tiny_llama,
+                              "--out", str(tmp_path / f"{name}_out.json")]) == 0
+    mirror = json.loads((tmp_path / "mirror_out.json").read_text())
+    real = json.loads((tmp_path / "real_out.json").read_text())
+    assert mirror["kind"] == "key_geometry" and mirror["counts"]["subject_rephrase"] == 6
+    for layer in ("1", "2"):
+        for pair, value in mirror["layers"][layer].items():
+            assert value == pytest.approx(1.0, abs=1e-6), (layer, pair)
+        assert real["layers"][layer]["answer_rephrase"] < 0.999
+    assert (tmp_path / "real_out.png").stat().st_size > 1000

@@ -232,7 +232,9 @@ def test_recipes_and_the_readme_table_use_the_method_presets():
         update = class_of(model.get("update")) or class_path(UPDATES["closed_form"])
         assert class_of(model.get("spread")) == class_path(SPREADS[preset.spread]), recipe.name
         assert update in (class_path(UPDATES[preset.update]), class_path(UPDATES["joint_closed_form"])), recipe.name
-        assert model.get("positions", "answer") == preset.positions, recipe.name
+        # a recipe named *_subject_* keys its edits on the subject's last token (issue 22's lever for the neighbourhood)
+        positions = "subject" if "_subject_" in recipe.stem else preset.positions
+        assert model.get("positions", "answer") == positions, recipe.name
         assert model.get("learn_lambda", False) == preset.learn_lambda, recipe.name
         # a recipe named *_kl or *_kl_* measures MALMEN's KL locality with the HORSE stages (issue 22's lever)
         named_kl = re.search(r"_kl(_|$)", recipe.stem) is not None

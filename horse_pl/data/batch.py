@@ -36,7 +36,8 @@ VIEW_FIELDS = {
     "locality_new": ("locality_prompt", "target"),
 }
 
-MicroBatch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels (batch x seq)
+KEY_VIEW = "edit"  # the view whose sequences the edits' keys are captured on: it alone records subject positions
+MicroBatch = dict[str, torch.Tensor]  # input_ids, attention_mask, labels (batch x seq); key_mask in the edit view
 
 
 @dataclass
@@ -127,11 +128,17 @@ def tokenize_requests(
             tokenizer, [getattr(requests[i], prompt_field) for i in present],
             [getattr(requests[i], answer_field) for i in present], max_length, where=f"{where} ({view})",
             record_ids=[record_ids[i] if record_ids is not None else i for i in present],
+            subjects=[requests[i].subject for i in present] if view == KEY_VIEW else None,
         ) if present else []
         ids, labels = [[] for _ in requests], [[] for _ in requests]
         for i, tok in zip(present, pairs):
             ids[i], labels[i] = tok.input_ids, tok.labels
         columns[f"{view}_input_ids"], columns[f"{view}_labels"] = ids, labels
+        if view == KEY_VIEW:
+            key_pos = [-1] * len(requests)
+            for i, tok in zip(present, pairs):
+                key_pos[i] = tok.key_pos
+            columns[f"{view}_key_pos"] = key_pos
     return datasets.Dataset.from_dict(columns)
 
 
@@ -144,7 +151,7 @@ class EditCollator:
     def __call__(self, rows: list[dict]) -> EditBatch:
         views = {}
         for view in self.views:
-            present = [(pos, Tokenized(r[f"{view}_input_ids"], r[f"{view}_labels"]))
+            present = [(pos, Tokenized(r[f"{view}_input_ids"], r[f"{view}_labels"], r.get(f"{view}_key_pos", -1)))
                        for pos, r in enumerate(rows) if r[f"{view}_input_ids"]]
             # Sequences of similar length share a micro-batch, so little compute is spent on padding.
             present.sort(key=lambda item: len(item[1].input_ids))

@@ -33,6 +33,26 @@ class Capture:
         return self.keys[0].shape[0]
 
 
+POSITIONS = ("answer", "all", "subject")
+
+
+def _record_mask(group: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
+    if positions == "answer":
+        return group["labels"] != IGNORE_INDEX
+    if positions == "subject":
+        return group["key_mask"]
+    return group["attention_mask"].bool()
+
+
+def _check_subject_positions(micro_batch: dict[str, torch.Tensor]) -> None:
+    found = micro_batch["key_mask"].sum(1) if "key_mask" in micro_batch else torch.zeros(len(micro_batch["labels"]))
+    missing = int((found != 1).sum())
+    if missing:
+        raise ValueError(f"This editor captures keys at the subject's last token (positions='subject'), but {missing} "
+                         f"of {len(found)} edit prompts in a micro-batch have no subject in them; give every request "
+                         "a 'subject' that appears in its prompt.")
+
+
 @contextmanager
 def _recording(modules: Sequence[nn.Module], mask: torch.Tensor, dtype: torch.dtype, keys: list, grads: list):
     handles = []
@@ -67,16 +87,17 @@ def capture(
     full_rows: int = 0,
 ) -> Capture:
     """Forward + backward the model on ``micro_batches`` (loss: mean CE over answer tokens) and record
-    keys and value gradients at the answer positions (``positions="answer"``, MALMEN/HORSE) or at every
-    non-padding position (``"all"``, MEND).
+    keys and value gradients at the answer positions (``positions="answer"``, MALMEN/HORSE), at every
+    non-padding position (``"all"``, MEND) or at the subject's last prompt token (``"subject"``, MEMIT's key:
+    one row per request, the micro-batches' ``key_mask``).
 
     The mean makes a token's value gradient shrink with the number of answer tokens beside it in its
     micro-batch. With ``full_rows`` (the rows of a training micro-batch, :attr:`Editor.micro_batch_rows`)
     a micro-batch of another size counts as that many rows' worth of tokens (``n_answer x full_rows /
     rows``), so one request edited alone gets the gradient scale the editor was trained on; micro-batches
     of ``full_rows`` rows are unchanged."""
-    if positions not in ("answer", "all"):
-        raise ValueError(f"capture positions must be 'answer' or 'all', not '{positions}'.")
+    if positions not in POSITIONS:
+        raise ValueError(f"capture positions must be one of {list(POSITIONS)}, not '{positions}'.")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("Capturing value gradients needs autograd, which torch.inference_mode disables; "
                            "run editing outside inference mode (for a Lightning Trainer: inference_mode=False).")
@@ -90,11 +111,13 @@ def capture(
             n_answer = n_answer * full_rows / rows
         loss = 0.0
         # the micro-batch's mean CE, computed one trimmed row group at a time (rows stay in order)
+        if positions == "subject":
+            _check_subject_positions(mb)
         for group in row_groups(mb):
-            mask = (group["labels"] != IGNORE_INDEX) if positions == "answer" else group["attention_mask"].bool()
+            mask = _record_mask(group, positions)
             with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
-                # MEND records every position, so the last MLP must run everywhere; the hooks record by the
-                # group's full mask, so a shared prefix is not split off here
+                # MEND and subject keys record outside the answer, so the last MLP must run everywhere; the hooks
+                # record by the group's full mask, so a shared prefix is not split off here
                 group_loss = group_answer_ce_sum(model, group, trim_last_mlp=positions == "answer",
                                                  share_prefix=False) / n_answer
                 group_loss.backward()

@@ -43,7 +43,8 @@ class Editor(nn.Module):
         rank, n_blocks, lr: hypernetwork sizes and the initial per-layer editing learning rate.
         spread: the residual spread stage (default HORSE Gram-Schmidt).
         update: how residuals become parameter shifts (default the closed-form ridge solve).
-        positions: capture keys at ``answer`` tokens (MALMEN/HORSE) or ``all`` tokens (MEND).
+        positions: capture keys at ``answer`` tokens (MALMEN/HORSE), ``all`` tokens (MEND) or ``subject`` (the
+            subject's last prompt token, MEMIT's key).
         learn_lambda: learn the per-layer ridge coefficient (MALMEN) or keep ``lambda = 0`` (HORSE).
         chunk_size: hypernetwork rows per chunk.
         cache_dtype: dtype of captured keys and value gradients.
