@@ -95,7 +95,7 @@ def run_edit(args: argparse.Namespace) -> None:
         general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
-                                  score=args.score)
+                                  score=args.score, rounds=args.rounds)
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -289,6 +289,16 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "modules together")
     p.add_argument("--ridge-per-row", type=float, default=None,
                    help="extra ridge c N growing with the N key rows (default: the editor's)")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="edit this many times, each round on the model the earlier ones edited, so it pushes only "
+                        "the edits that have not landed yet (default 1)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
+    return value
 
 
 def _delta_parser(p: argparse.ArgumentParser) -> None:

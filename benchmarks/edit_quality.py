@@ -17,8 +17,9 @@ model's (retention = after / before). Edit time (capture to solve) and peak memo
 records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
 on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preserve_facts=MU`` /
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
-same editor, another solve); ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The
-default editors are the exported recipes:
+same editor, another solve) and ``,rounds=R`` (edit R times, each round on the edited model);
+``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
+recipes:
 
     gram_schmidt  editors/horse_smollm2_{dataset}            configs/horse_smollm2_{dataset}.yaml
     reference     editors/horse_reference_smollm2_{dataset}  configs/horse_reference_smollm2_{dataset}.yaml
@@ -48,16 +49,17 @@ DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zs
 RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smollm2_{}", "none": "malmen_smollm2_{}"}
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
-UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str}
+UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int}
+NOT_STAGE = ("update", "rounds")  # editor options that are not update-stage arguments
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
-    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE]`` -> (name, folder,
-    update-stage overrides)."""
+    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]`` -> (name,
+    folder, options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
-                         f"[,update=STAGE], not '{spec}'.")
+                         f"[,update=STAGE][,rounds=R], not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -145,7 +147,7 @@ def evaluate(args) -> dict:
     ke, general = None, None
     for name, folder, overrides in editors:
         if ke is None:
-            stage = {k: v for k, v in overrides.items() if k != "update"}
+            stage = {k: v for k, v in overrides.items() if k not in NOT_STAGE}
             ke = KnowledgeEditor.from_pretrained(folder, model=args.model, dtype=args.dtype, device=args.device,
                                                  update_args=stage, general_data=args.general_data,
                                                  update=overrides.get("update"),
@@ -155,7 +157,7 @@ def evaluate(args) -> dict:
                 report["general_unedited"] = general.baseline(ke.model)
                 report["general_tasks"] = general.task_table()
         else:  # same base model: swap only the editor
-            editor, config = load_editor(folder, {k: v for k, v in overrides.items() if k != "update"},
+            editor, config = load_editor(folder, {k: v for k, v in overrides.items() if k not in NOT_STAGE},
                                          overrides.get("update"))
             if config.base_fingerprint != ke.config.base_fingerprint:
                 raise SystemExit(f"error: the editor in {folder} was trained on another base model "
@@ -166,13 +168,15 @@ def evaluate(args) -> dict:
             ke.modules = get_modules(ke.model, config.edit_modules)
         entry = report["editors"][name] = {
             "folder": str(folder), "update": ke.config.update, "update_args": ke.config.update_args,
+            "rounds": overrides.get("rounds", 1),
             "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
         for n in args.n:
             start = time.perf_counter()
             batch = ke.batches([requests[i] for i in order[:n]], args.batch_size)
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
-                                    score_before=str(n) not in report["unedited"], timer=timer)
+                                    score_before=str(n) not in report["unedited"], timer=timer,
+                                    rounds=overrides.get("rounds", 1))
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timer.seconds[k] for k in ("capture", "predict", "spread", "solve"))
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
@@ -229,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
-                   help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE] "
+                   help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R] "
                         "(default: the recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")

@@ -113,11 +113,12 @@ class KnowledgeEditor:
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
-             examples: int = 3, score: str = "all") -> tuple[list[torch.Tensor], dict]:
+             examples: int = 3, score: str = "all", rounds: int = 1) -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts before and after the edit.
         ``score``: ``all`` (every view before and after), ``edit`` (the edit and rephrase prompts after the edit:
-        ES, GS, EM) or ``none`` (no scoring, the edit alone).
+        ES, GS, EM) or ``none`` (no scoring, the edit alone). ``rounds > 1`` edits again on the edited model for the
+        edits that have not landed (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
@@ -129,7 +130,7 @@ class KnowledgeEditor:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
                                 score_before=score == "all",
-                                timer=StageTimer(self.device, self.timings))
+                                timer=StageTimer(self.device, self.timings), rounds=rounds)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         shown = list(requests[:examples])
         before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []

@@ -169,6 +169,8 @@ def _scale_section(name: str, r: dict) -> list[str]:
         stage = result.get("update")
         args = ", ".join(part for part in ((f"update {stage}" if stage and stage != "closed_form" else ""), args)
                          if part)
+        if result.get("rounds", 1) > 1:
+            args = ", ".join(part for part in (args, f"{result['rounds']} rounds") if part)
         out.append(f"- `{editor}`: `{result['folder']}`" + (f" with {args}" if args else ""))
     if (RECORDS / f"{name}.png").exists():
         out += ["", f"![{name}](results/{name}.png)"]

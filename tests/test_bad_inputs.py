@@ -103,6 +103,7 @@ CASES = [
     ("requests-folder", "edit", _edit("editor", "folder"), ["requests_folder", "is a folder"]),
     ("binary-requests", "edit", _edit("editor", "binary_requests"), ["requests.bin.json", "UTF-8"]),
     ("limit-negative", "edit", lambda i: _edit()(i) + ["--limit", "-1"], ["limit=-1"]),
+    ("rounds-zero", "edit", lambda i: _edit()(i) + ["--rounds", "0"], ["--rounds", "at least 1"]),
     ("truncated-weights", "edit", _edit("truncated_weights"), ["e1/model.safetensors", "safetensors"]),
     ("pickle-weights", "edit", _edit("pickle_weights"), ["e2/model.safetensors", "safetensors"]),
     ("missing-field", "edit", _edit("missing_field"), ["e3/config.json", "missing ['rank']"]),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from horse_pl.editing.capture import Capture, capture
+from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
@@ -157,6 +158,24 @@ class Editor(nn.Module):
         state = EditState(update_keys, residuals, spread_residuals, shifts, factors=factors)
         if keep_graph:
             state.graph = (graph_keys, graph_residuals)
+        return state
+
+    def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
+                       all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None) -> EditState:
+        """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied, so it
+        only pushes the edits that have not landed yet (their value gradients are still large), and adds its shifts
+        to theirs. One round is :meth:`capture` + :meth:`param_shifts`. The returned state holds the last round's
+        keys and residuals and the summed ``param_shifts``."""
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, not {rounds}.")
+        stage = timer if timer is not None else (lambda name: nullcontext())
+        total: list[torch.Tensor] | None = None
+        for _ in range(rounds):
+            with applied(modules, total) if total is not None else nullcontext(), stage("capture"):
+                cap = self.capture(model, modules, micro_batches)
+            state = self.param_shifts(cap, all_reduce, timer=timer)
+            total = state.param_shifts if total is None else [t + s for t, s in zip(total, state.param_shifts)]
+        state.param_shifts = total
         return state
 
     def backward(self, cap: Capture, state: EditState, shift_grads: Sequence[torch.Tensor],

@@ -1,0 +1,37 @@
+"""Editing in rounds (``rounds=R``): each round is the editor's own capture + solve on the model the earlier rounds
+edited, and the shifts add up."""
+
+import pytest
+import torch
+from conftest import small_zsre
+
+from horse_pl.data.batch import edit_batch
+from horse_pl.data.records import load_requests
+from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
+from horse_pl.editing.editor import Editor
+from horse_pl.editing.shifts import applied
+from horse_pl.models import load_model
+
+
+def test_each_round_is_a_capture_and_solve_on_the_model_the_earlier_rounds_edited(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=6)
+    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=3, max_length=1024)["edit"].micro_batches
+    torch.manual_seed(0)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=500.0)
+    for p in editor.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+
+    first = editor.param_shifts(editor.capture(model, modules, micro_batches)).param_shifts
+    for got, want in zip(editor.edit_in_rounds(model, modules, micro_batches, 1).param_shifts, first):
+        torch.testing.assert_close(got, want)
+    with applied(modules, first):
+        cap = editor.capture(model, modules, micro_batches)
+    second = editor.param_shifts(cap).param_shifts
+    two = editor.edit_in_rounds(model, modules, micro_batches, 2).param_shifts
+    for got, a, b in zip(two, first, second):
+        torch.testing.assert_close(got, a + b)
+        assert (a - b).norm() > 1e-2 * a.norm()  # the second round sees the edited model
+    with pytest.raises(ValueError, match="at least 1"):
+        editor.edit_in_rounds(model, modules, micro_batches, 0)
