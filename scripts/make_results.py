@@ -32,7 +32,7 @@ GLANCE = ("quickstart", "horse_smollm2_zsre", "horse_smollm2_zsre_tuned", "horse
           "horse_reference_smollm2_zsre", "malmen_smollm2_zsre", "horse_smollm2_counterfact",
           "horse_reference_smollm2_counterfact", "malmen_smollm2_counterfact", "horse_smollm2_counterfact_joint",
           "horse_smollm2_counterfact_joint512_kl", "horse_smollm2_counterfact_joint512_kl_long_bf16",
-          "horse_smollm2_counterfact_joint512_kl_facts_long_bf16",
+          "horse_smollm2_counterfact_joint512_kl_facts_long_bf16", "horse_smollm2_counterfact_subject_kl_long_bf16",
           "malmen_smollm2_counterfact_joint512_kl_long_bf16")
 
 
