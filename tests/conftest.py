@@ -130,6 +130,28 @@ def perturbed_editor(shapes, update, moments, learn_lambda: bool = False):
     return editor
 
 
+def autograd_module_io(model, modules, micro_batch) -> tuple[list, list]:
+    """Each module's input and ``d loss / d output`` by plain autograd through the model's own forward (loss: the mean
+    cross-entropy over the answer tokens): the reference the capture pass is checked against."""
+    inputs, outputs, hooks = {}, {}, []
+    for i, m in enumerate(modules):
+        def hook(module, args, out, i=i):
+            inputs[i] = args[0]
+            out.retain_grad()
+            outputs[i] = out
+        hooks.append(m.register_forward_hook(hook))
+    model.requires_grad_(True)
+    try:
+        answer = micro_batch["labels"] != -100
+        logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits[answer], micro_batch["labels"][answer]).backward()
+    finally:
+        model.requires_grad_(False)
+        for h in hooks:
+            h.remove()
+    return [inputs[i].detach() for i in range(len(modules))], [outputs[i].grad for i in range(len(modules))]
+
+
 def cubic_meta_loss(targets):
     """A meta-loss on the shifts with a non-linear part, for gradient checks."""
     return lambda shifts: sum(((s - t) ** 2).sum() + s.sum() ** 3 for s, t in zip(shifts, targets))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, pipeline_grads
+from conftest import FAMILIES, autograd_module_io, pipeline_grads
 from torch import nn
 
 from horse_pl.editing.capture import Capture
@@ -248,25 +248,11 @@ def test_capture_matches_autograd_through_the_whole_model(tiny_models, kind):
     mb = collate(tokenize_pairs(tok, ["What is the capital of Freedonia?", "Who wrote it?"], ["Paris", "Me and you"],
                                 max_length=1024), tok.pad_token_id)
     cap = capture(model, modules, [mb])
-
-    inputs, outputs = {}, {}
-    hooks = []
-    for i, m in enumerate(modules):
-        def hook(module, args, out, i=i):
-            inputs[i] = args[0]
-            out.retain_grad()
-            outputs[i] = out
-        hooks.append(m.register_forward_hook(hook))
-    model.requires_grad_(True)  # plain autograd through everything, the model's own forward
+    inputs, grads = autograd_module_io(model, modules, mb)
     mask = mb["labels"] != -100
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-    torch.nn.functional.cross_entropy(logits[mask], mb["labels"][mask]).backward()
-    model.requires_grad_(False)
-    for h in hooks:
-        h.remove()
     for i in range(len(modules)):
-        torch.testing.assert_close(cap.keys[i], inputs[i][mask].detach())
-        torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[mask], rtol=1e-4, atol=1e-6)  # fp32 rounding
+        torch.testing.assert_close(cap.keys[i], inputs[i][mask])
+        torch.testing.assert_close(cap.value_grads[i], grads[i][mask], rtol=1e-4, atol=1e-6)  # fp32 rounding
         assert cap.value_grads[i].abs().sum() > 0
 
 

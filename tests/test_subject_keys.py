@@ -4,6 +4,7 @@ there, and a request whose prompt lacks its subject is refused in one sentence."
 
 import pytest
 import torch
+from conftest import autograd_module_io
 
 from horse_pl.data.batch import EVAL_VIEWS, edit_batch
 from horse_pl.data.records import EditRequest, load_requests
@@ -49,25 +50,11 @@ def test_subject_capture_is_the_autograd_gradient_at_the_subject_token(tiny_llam
                                 subjects=["Freedonia", "Hamlet"]), tok.pad_token_id)
     cap = capture(model, modules, [mb], positions="subject")
     assert cap.n_rows == 2
-    inputs, outputs = {}, {}
-    hooks = []
-    for i, m in enumerate(modules):
-        def hook(module, args, out, i=i):
-            inputs[i] = args[0]
-            out.retain_grad()
-            outputs[i] = out
-        hooks.append(m.register_forward_hook(hook))
-    model.requires_grad_(True)
-    answer = mb["labels"] != IGNORE_INDEX
-    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-    torch.nn.functional.cross_entropy(logits[answer], mb["labels"][answer]).backward()
-    model.requires_grad_(False)
-    for h in hooks:
-        h.remove()
+    inputs, grads = autograd_module_io(model, modules, mb)
     at = mb["key_mask"]
     for i in range(len(modules)):
-        torch.testing.assert_close(cap.keys[i], inputs[i][at].detach())
-        torch.testing.assert_close(cap.value_grads[i], outputs[i].grad[at], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(cap.keys[i], inputs[i][at])
+        torch.testing.assert_close(cap.value_grads[i], grads[i][at], rtol=1e-4, atol=1e-7)
         assert cap.value_grads[i].abs().sum() > 0
 
 
