@@ -29,8 +29,11 @@ def test_train_batch_structure(tiny_llama):
         assert sizes == [4, 4, 2]
         assert sorted(batch[view].rows.tolist()) == list(range(10))
         for mb in batch[view]:
-            assert set(mb) == {"input_ids", "attention_mask", "labels"}
+            # the edit view also marks each prompt's subject (keys of editors with positions: subject)
+            assert set(mb) == {"input_ids", "attention_mask", "labels"} | ({"key_mask"} if view == "edit" else set())
             assert ((mb["labels"] != -100).sum(1) > 0).all()  # every sequence has answer tokens
+            if view == "edit":
+                assert (mb["key_mask"].sum(1) == 1).all()
     assert "portability" not in batch  # training views only
 
 
