@@ -290,8 +290,8 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge-per-row", type=float, default=None,
                    help="extra ridge c N growing with the N key rows (default: the editor's)")
     p.add_argument("--rounds", type=_positive_int, default=1,
-                   help="edit this many times, each round on the model the earlier ones edited, so it pushes only "
-                        "the edits that have not landed yet (default 1)")
+                   help="edit this many times, each round on the model the earlier ones edited (default 1); every "
+                        "round is about as strong as the first, so more rounds can break the model: measure first")
 
 
 def _positive_int(text: str) -> int:

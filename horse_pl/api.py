@@ -117,8 +117,8 @@ class KnowledgeEditor:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts before and after the edit.
         ``score``: ``all`` (every view before and after), ``edit`` (the edit and rephrase prompts after the edit:
-        ES, GS, EM) or ``none`` (no scoring, the edit alone). ``rounds > 1`` edits again on the edited model for the
-        edits that have not landed (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`).
+        ES, GS, EM) or ``none`` (no scoring, the edit alone). ``rounds > 1`` edits again on the edited model, each round
+        about as strong as the first (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:

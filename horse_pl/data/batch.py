@@ -130,14 +130,11 @@ def tokenize_requests(
             record_ids=[record_ids[i] if record_ids is not None else i for i in present],
             subjects=[requests[i].subject for i in present] if view == KEY_VIEW else None,
         ) if present else []
-        ids, labels = [[] for _ in requests], [[] for _ in requests]
+        ids, labels, key_pos = [[] for _ in requests], [[] for _ in requests], [-1] * len(requests)
         for i, tok in zip(present, pairs):
-            ids[i], labels[i] = tok.input_ids, tok.labels
+            ids[i], labels[i], key_pos[i] = tok.input_ids, tok.labels, tok.key_pos
         columns[f"{view}_input_ids"], columns[f"{view}_labels"] = ids, labels
         if view == KEY_VIEW:
-            key_pos = [-1] * len(requests)
-            for i, tok in zip(present, pairs):
-                key_pos[i] = tok.key_pos
             columns[f"{view}_key_pos"] = key_pos
     return datasets.Dataset.from_dict(columns)
 

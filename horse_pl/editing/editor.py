@@ -162,10 +162,11 @@ class Editor(nn.Module):
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
                        all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None) -> EditState:
-        """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied, so it
-        only pushes the edits that have not landed yet (their value gradients are still large), and adds its shifts
-        to theirs. One round is :meth:`capture` + :meth:`param_shifts`. The returned state holds the last round's
-        keys and residuals and the summed ``param_shifts``."""
+        """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied and adds
+        its shifts to theirs. One round is :meth:`capture` + :meth:`param_shifts`. Each round is about as strong as
+        the first (the hypernetwork normalises the value gradients it reads, and an edit's gradient stays large
+        until it lands), so rounds add whole edits' shifts (docs/results: edit_quality_counterfact_dev_subject).
+        The returned state holds the last round's keys and residuals and the summed ``param_shifts``."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {rounds}.")
         stage = timer if timer is not None else (lambda name: nullcontext())
