@@ -9,9 +9,10 @@ logger or checkpoints) for ``--warmup + --steps`` edit batches and reports each 
 the module logs it (``time/capture``, ``normalizer``, ``predict``, ``spread``, ``solve``, ``losses``,
 ``backward``, ``optimizer``: :data:`horse_pl.timing.TRAIN_STAGES`; mean and median), the
 floating-point work of one step (counted by ``torch.utils.flop_counter`` on the first warm-up step,
-which is not timed), and this machine's fp32 matrix-product rate on the model's layer shapes, measured
-before and after. Shared machines change speed by more than a few percent from hour to hour; the work
-per step and the rate let a step time be read against the machine it was taken on. Writes a JSON file.
+which is not timed), and this machine's matrix-product rate on the model's layer shapes (on the language
+model's device, in its dtype), measured before and after. Shared machines change speed by more than a few
+percent from hour to hour; the work per step and the rate let a step time be read against the machine it was
+taken on. Writes a JSON file.
 """
 
 from __future__ import annotations
@@ -34,22 +35,30 @@ STAGES = TRAIN_STAGES + ("step",)  # step: their sum
 
 
 
-def matmul_rate(d_model: int, d_ff: int, tokens: int = 512, seconds: float = 1.0) -> float:
-    """fp32 GFLOP/s of this machine on a decoder layer's matrix products (``tokens`` rows)."""
+def matmul_rate(d_model: int, d_ff: int, tokens: int = 512, seconds: float = 1.0, device="cpu",
+                dtype=None) -> float:
+    """GFLOP/s of this machine on a decoder layer's matrix products (``tokens`` rows), on the language model's
+    device and in its dtype."""
     import torch
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
 
     torch.manual_seed(0)
     shapes = [(d_model, d_ff), (d_ff, d_model), (d_model, d_model)]
-    xs = [torch.randn(tokens, i) for i, _ in shapes]
-    ws = [torch.randn(i, o) for i, o in shapes]
+    xs = [torch.randn(tokens, i, device=device, dtype=dtype) for i, _ in shapes]
+    ws = [torch.randn(i, o, device=device, dtype=dtype) for i, o in shapes]
     flop_per_round = sum(2 * tokens * i * o for i, o in shapes)
     for x, w in zip(xs, ws):  # warm up
         x @ w
+    sync()
     rounds, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for x, w in zip(xs, ws):
             x @ w
         rounds += 1
+    sync()
     return rounds * flop_per_round / (time.perf_counter() - start) / 1e9
 
 
@@ -93,17 +102,20 @@ def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
     built = cli(args, run=False, save_config=False)
     recorder = _recorder(warmup)
     built.trainer.callbacks.append(recorder)
-    built.model.configure_model()
+    with built.trainer.strategy.tensor_init_context():  # where fit would build it: on the accelerator
+        built.model.configure_model()
     text = built.model.lm.config.get_text_config()
-    rate_before = matmul_rate(text.hidden_size, text.intermediate_size)
+    lm_weight = next(built.model.lm.parameters())
+    device, dtype = built.trainer.strategy.root_device, lm_weight.dtype
+    rate_before = matmul_rate(text.hidden_size, text.intermediate_size, device=device, dtype=dtype)
     built.trainer.fit(built.model, built.datamodule)
-    rate_after = matmul_rate(text.hidden_size, text.intermediate_size)
+    rate_after = matmul_rate(text.hidden_size, text.intermediate_size, device=device, dtype=dtype)
     if not recorder.times["step"]:
         raise SystemExit(f"{config}: no step was timed; the training set gave fewer than {warmup + 1} edit batches.")
     split = {stage: {"mean": statistics.mean(v), "median": statistics.median(v)} for stage, v in recorder.times.items()}
     rate = (rate_before + rate_after) / 2
     return {
-        "kind": "train_step", "threads": torch.get_num_threads(),
+        "kind": "train_step", "threads": torch.get_num_threads(), "device": str(device), "dtype": str(dtype),
         "config": config, "overrides": extra, "timed_steps": len(recorder.times["step"]), "warmup_steps": warmup,
         "seconds": split, "steps": recorder.times["step"],
         "gflop_per_step": recorder.flops / 1e9,
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     print("seconds per step (mean / median): " + ", ".join(
         f"{stage} {s[stage]['mean']:.2f} / {s[stage]['median']:.2f}" for stage in STAGES))
     print(f"work per step {report['gflop_per_step']:.0f} GFLOP; achieved {report['achieved_gflops']:.0f} GFLOP/s; "
-          f"fp32 matmul rate on the layer shapes {report['matmul_gflops_before']:.0f} (before) / "
+          f"{report['dtype']} matmul rate on the layer shapes ({report['device']}) "
+          f"{report['matmul_gflops_before']:.0f} (before) / "
           f"{report['matmul_gflops_after']:.0f} (after) GFLOP/s; the work at that rate alone: "
           f"{report['step_at_matmul_rate']:.1f} s")
     print(f"wrote {args.out}")

