@@ -22,7 +22,8 @@ DTYPE=${DTYPE:-bfloat16}
 EDIT_MODULES=${EDIT_MODULES:-layers:26-31}
 N=${N:-1000 4000 8000}
 RANK=${RANK:-1920}
-TRAIN_EDITS=${TRAIN_EDITS:-1000}
+TRAIN_EDITS=${TRAIN_EDITS:-1000}  # 0: no training step
+REPEATS=${REPEATS:-2}  # each edit and floor time is the minimum over this many (the first pays cold-start costs)
 ZSRE=${ZSRE:-../shared/data/zsre}
 DATA=("--data.train_path" "$ZSRE/zsre_train_10k.json.gz" "--data.val_path" "$ZSRE/zsre_eval_1k.json.gz")
 OUT=${OUT:-benchmarks/results/gpu}
@@ -37,7 +38,7 @@ PY
 cat "$OUT/environment.txt"
 # shellcheck disable=SC2086
 "$PY" benchmarks/edit_speed.py --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --edit-modules "$EDIT_MODULES" \
-    --rank "$RANK" --data "$ZSRE/zsre_train_10k.json.gz" --n $N --repeats 1 --out "$OUT/edit_speed.json"
+    --rank "$RANK" --data "$ZSRE/zsre_train_10k.json.gz" --n $N --repeats "$REPEATS" --out "$OUT/edit_speed.json"
 "$PY" - "$OUT/edit_speed.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
@@ -49,7 +50,7 @@ for row in report["results"]:
 PY
 ACCELERATOR=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
 # the training step: 1 warm-up (FLOPs counted) + 2 timed steps, without validation
-"$PY" benchmarks/train_step.py --config configs/horse_llama2_7b_zsre.yaml --warmup 1 --steps 2 \
+[ "$TRAIN_EDITS" -gt 0 ] && "$PY" benchmarks/train_step.py --config configs/horse_llama2_7b_zsre.yaml --warmup 1 --steps 2 \
     --out "$OUT/train_step.json" -- --model.model "$MODEL" --model.model_dtype "$DTYPE" \
     --model.edit_modules "$EDIT_MODULES" --model.rank "$RANK" --trainer.accelerator "$ACCELERATOR" \
     --data.n_edits "$TRAIN_EDITS" --data.num_workers 0 "${DATA[@]}"
