@@ -226,12 +226,19 @@ def _sequential_section(name: str, r: dict) -> list[str]:
     return out + ([""] + [r["finding"]] if r.get("finding") else []) + [""]
 
 
+def _speed(row: dict, key: str):
+    """One edit-speed figure: benchmarks/edit_speed.py nests the edit's stages under ``edit``; transcribed rows
+    are flat."""
+    return row["edit"][key] if key in row.get("edit", {}) else row[key]
+
+
 def _performance_section(records: dict[str, dict]) -> list[str]:
     out = ["## Performance", ""]
     for name, r in records.items():
         if r.get("kind") == "train_step":
             s = r["seconds"]
             out += [f"### Training step: `{name}`", "", f"`{r['command']}` — {_when(r)}, {r['machine']}.", ""]
+            out += [r["note"], ""] if r.get("note") else []
             stages = [k for k in s if k != "step"]  # the record's own stage names (older records: update = both)
             out += _table(stages + ["step (mean / median)", "GFLOP per step", "matmul GFLOP/s (before / after)"],
                           [[_f(s[k]["mean"], 2) for k in stages]
@@ -241,20 +248,27 @@ def _performance_section(records: dict[str, dict]) -> list[str]:
             if r.get("released"):
                 out += ["", f"Released code, same settings: {r['released']['step']} s per step "
                             f"({r['released'].get('note', '')})."]
+            out += ["", r["finding"]] if r.get("finding") else []
             out.append("")
         elif r.get("kind") == "edit_speed":
             out += [f"### Editing speed against the hardware floor: `{name}`", "",
-                    f"`{r['command']}` — {_when(r)}. Floor = one forward + backward of the same prompts with "
-                    "gradients only at the edited weights.", ""]
+                    f"`{r['command']}` — {_when(r)}, {r.get('machine', '')}"
+                    + (f", {r['model']} in {r['dtype']}" if r.get("model") else "")
+                    + ". Floor = one forward + backward of the same prompts with gradients only at the edited "
+                    "weights.", ""]
+            out += [r["note"], ""] if r.get("note") else []
             out += _table(["N", "capture", "predict", "solve", "edit total", "floor", "edit / floor", "edits/s",
-                           "peak MiB over the model (edit / floor)"],
-                          [[str(x["n_edits"])] + [_f(x[k], 2) for k in ("capture", "predict", "solve", "total",
-                                                                        "floor", "ratio")]
+                           "peak MiB (edit / floor)"],
+                          [[str(x["n_edits"])] + [_f(_speed(x, k), 2) for k in ("capture", "predict", "solve", "total",
+                                                                                "floor", "ratio")]
                            + [_f(x["edits_per_second"], 1),
                               f"{_f(x.get('edit_peak_memory_mb'), 0)} / {_f(x.get('floor_peak_memory_mb'), 0)}"]
                            for x in r["results"]])
-            if (ROOT / "docs" / "edit_speed.png").exists():
+            if (RECORDS / f"{name}.png").exists():
+                out += ["", f"![edit speed](results/{name}.png)"]
+            elif name == "edit_speed" and (ROOT / "docs" / "edit_speed.png").exists():  # the transcribed record's
                 out += ["", "![edit speed](edit_speed.png)"]
+            out += ["", r["finding"]] if r.get("finding") else []
             out.append("")
     return out
 
