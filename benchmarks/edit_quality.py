@@ -17,7 +17,8 @@ model's (retention = after / before). Edit time (capture to solve) and peak memo
 records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
 on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preserve_facts=MU`` /
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
-same editor, another solve) and ``,rounds=R`` (edit R times, each round on the edited model);
+same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model) and ``,scale=S``
+(every per-layer editing lr times S: the shifts times S, an edit-strength probe);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -49,17 +50,18 @@ DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zs
 RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smollm2_{}", "none": "malmen_smollm2_{}"}
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
-UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int}
-NOT_STAGE = ("update", "rounds")  # editor options that are not update-stage arguments
+UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
+                  "scale": float}
+NOT_STAGE = ("update", "rounds", "scale")  # editor options that are not update-stage arguments
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
-    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]`` -> (name,
-    folder, options)."""
+    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]`` ->
+    (name, folder, options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
-                         f"[,update=STAGE][,rounds=R], not '{spec}'.")
+                         f"[,update=STAGE][,rounds=R][,scale=S], not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -168,8 +170,10 @@ def evaluate(args) -> dict:
             ke.modules = get_modules(ke.model, config.edit_modules)
         entry = report["editors"][name] = {
             "folder": str(folder), "update": ke.config.update, "update_args": ke.config.update_args,
-            "rounds": overrides.get("rounds", 1),
+            "rounds": overrides.get("rounds", 1), "scale": overrides.get("scale", 1.0),
             "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
+        if "scale" in overrides:
+            ke.editor.hypernet.scale_lr(overrides["scale"])
         for n in args.n:
             start = time.perf_counter()
             batch = ke.batches([requests[i] for i in order[:n]], args.batch_size)
@@ -233,8 +237,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
-                   help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R] "
-                        "(default: the recipes' editors)")
+                   help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]"
+                        "[,scale=S] (default: the recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

@@ -165,6 +165,15 @@ class HyperNetwork(nn.Module):
         net, idx = self.net(position)
         return net.lamda.weight[idx, 0]
 
+    @torch.no_grad()
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every per-layer ``lr`` by ``factor``: residuals, and with them the closed-form shifts (linear in
+        the residuals; the spread is scale-equivariant), scale by ``factor``. An edit-strength probe."""
+        if not factor > 0:
+            raise ValueError(f"The lr scale must be positive, not {factor}.")
+        for net in self.nets.values():
+            net.lr.weight.mul_(factor)
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the hypernetwork computes in (its parameters')."""

@@ -171,6 +171,8 @@ def _scale_section(name: str, r: dict) -> list[str]:
                          if part)
         if result.get("rounds", 1) > 1:
             args = ", ".join(part for part in (args, f"{result['rounds']} rounds") if part)
+        if result.get("scale", 1.0) != 1.0:
+            args = ", ".join(part for part in (args, f"lr x {result['scale']:g}") if part)
         out.append(f"- `{editor}`: `{result['folder']}`" + (f" with {args}" if args else ""))
     if (RECORDS / f"{name}.png").exists():
         out += ["", f"![{name}](results/{name}.png)"]

@@ -1,5 +1,5 @@
-"""Editing in rounds (``rounds=R``): each round is the editor's own capture + solve on the model the earlier rounds
-edited, and the shifts add up."""
+"""Edit-strength probes. Editing in rounds (``rounds=R``): each round is the editor's own capture + solve on the model
+the earlier rounds edited, and the shifts add up. Scaling the per-layer lr (``scale=S``): the shifts scale by S."""
 
 import pytest
 import torch
@@ -35,3 +35,23 @@ def test_each_round_is_a_capture_and_solve_on_the_model_the_earlier_rounds_edite
         assert (a - b).norm() > 1e-2 * a.norm()  # the second round sees the edited model
     with pytest.raises(ValueError, match="at least 1"):
         editor.edit_in_rounds(model, modules, micro_batches, 0)
+
+
+@pytest.mark.parametrize("spread", ["GramSchmidtSpread", "NoSpread"])
+def test_scaling_the_lr_scales_the_shifts(tiny_llama, spread):
+    """Residuals are linear in lr, the spread is scale-equivariant and the solve is linear in the residuals."""
+    from horse_pl.editing import spread as spreads
+
+    model, tok = load_model(tiny_llama)
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
+    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=2, max_length=1024)["edit"].micro_batches
+    torch.manual_seed(0)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=500.0, spread=getattr(spreads, spread)())
+    cap = editor.capture(model, modules, micro_batches)
+    base = editor.param_shifts(cap).param_shifts
+    editor.hypernet.scale_lr(3.0)
+    for got, want in zip(editor.param_shifts(cap).param_shifts, base):
+        torch.testing.assert_close(got, 3.0 * want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="positive"):
+        editor.hypernet.scale_lr(0.0)
