@@ -95,7 +95,8 @@ def run_edit(args: argparse.Namespace) -> None:
         general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
-                                  score=args.score, rounds=args.rounds)
+                                  score=args.score, rounds=args.rounds, refine_steps=args.refine,
+                                  refine_lr=args.refine_lr, refine_target=args.refine_target)
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -292,6 +293,36 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="edit this many times, each round on the model the earlier ones edited (default 1); every "
                         "round is about as strong as the first, so more rounds can break the model: measure first")
+    p.add_argument("--refine", type=_non_negative_int, default=0, metavar="K",
+                   help="refine the editor's residuals by K Adam steps on the edit prompts' loss through its own solve "
+                        "(test-time value optimisation; each step one forward + backward of the edit prompts; "
+                        "default 0: the hypernetwork's one step)")
+    p.add_argument("--refine-lr", type=_positive_float, default=0.1,
+                   help="Adam rate of --refine, relative to the RMS of each module's first residuals (default 0.1)")
+    p.add_argument("--refine-target", type=_probability, default=1.0,
+                   help="a request whose answer reaches this probability (geometric mean over its tokens) stops "
+                        "pulling the residuals (default 1: every request pulls for all K steps)")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability above 0 and at most 1, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -17,8 +17,10 @@ model's (retention = after / before). Edit time (capture to solve) and peak memo
 records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
 on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preserve_facts=MU`` /
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
-same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model) and ``,scale=S``
-(every per-layer editing lr times S: the shifts times S, an edit-strength probe);
+same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
+(every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
+[,refine_target=P]`` (K Adam steps on the residuals against the edit prompts' loss through the solve, requests at
+probability P dropping out: ``Editor.refine``);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -51,17 +53,19 @@ RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smo
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
-                  "scale": float}
-NOT_STAGE = ("update", "rounds", "scale")  # editor options that are not update-stage arguments
+                  "scale": float, "refine": int, "refine_lr": float, "refine_target": float}
+# editor options that are not update-stage arguments
+NOT_STAGE = ("update", "rounds", "scale", "refine", "refine_lr", "refine_target")
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
-    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]`` ->
-    (name, folder, options)."""
+    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]
+    [,refine=K][,refine_lr=X][,refine_target=P]`` -> (name, folder, options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
-                         f"[,update=STAGE][,rounds=R][,scale=S], not '{spec}'.")
+                         "[,update=STAGE][,rounds=R][,scale=S][,refine=K][,refine_lr=X][,refine_target=P], "
+                         f"not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -171,6 +175,8 @@ def evaluate(args) -> dict:
         entry = report["editors"][name] = {
             "folder": str(folder), "update": ke.config.update, "update_args": ke.config.update_args,
             "rounds": overrides.get("rounds", 1), "scale": overrides.get("scale", 1.0),
+            "refine": overrides.get("refine", 0), "refine_lr": overrides.get("refine_lr", 0.1),
+            "refine_target": overrides.get("refine_target", 1.0),
             "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
         if "scale" in overrides:
             ke.editor.hypernet.scale_lr(overrides["scale"])
@@ -180,9 +186,12 @@ def evaluate(args) -> dict:
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timer=timer,
-                                    rounds=overrides.get("rounds", 1))
+                                    rounds=overrides.get("rounds", 1), refine_steps=overrides.get("refine", 0),
+                                    refine_lr=overrides.get("refine_lr", 0.1),
+                                    refine_target=overrides.get("refine_target", 1.0))
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
-            row["edit_seconds"] = sum(timer.seconds[k] for k in ("capture", "predict", "spread", "solve"))
+            row["edit_seconds"] = sum(timer.seconds.get(k, 0.0) for k in ("capture", "predict", "spread", "solve",
+                                                                          "refine"))
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
             row["residual_fit"] = residual_fit(ke.editor.update, result.state)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)
@@ -238,7 +247,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
                    help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]"
-                        "[,scale=S] (default: the recipes' editors)")
+                        "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P] (default: the recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

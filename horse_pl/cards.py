@@ -64,8 +64,14 @@ def edited_model_card(report: Mapping, config, base_model: str, editor_dir: str)
              "folder: load it with `AutoModelForCausalLM.from_pretrained(THIS_FOLDER)`.", "",
              f"- requests: `{requests['path']}` (sha256 `{requests['sha256']}`)",
              f"- edit modules: {', '.join(config.edit_modules)}",
-             f"- update: `{config.update}` {config.update_args or ''}", "",
-             "## Scores on the edited requests (teacher-forced; `edit_report.json` has every request)", ""]
+             f"- update: `{config.update}` {config.update_args or ''}"]
+    settings = report.get("settings", {})
+    if settings.get("rounds", 1) > 1:
+        lines.append(f"- rounds: {settings['rounds']}")
+    if settings.get("refine_steps"):
+        lines.append(f"- residuals refined: {settings['refine_steps']} steps, relative rate {settings['refine_lr']:g}"
+                     + (f", until p {settings['refine_target']:g}" if settings.get("refine_target", 1) < 1 else ""))
+    lines += ["", "## Scores on the edited requests (teacher-forced; `edit_report.json` has every request)", ""]
     names = [n for n in SCORE_ORDER if n in summary["after"]]
     if names:
         lines += _table([(n, f"{summary['before'][n]:.3f}" if n in summary["before"] else "-",

@@ -173,6 +173,11 @@ def _scale_section(name: str, r: dict) -> list[str]:
             args = ", ".join(part for part in (args, f"{result['rounds']} rounds") if part)
         if result.get("scale", 1.0) != 1.0:
             args = ", ".join(part for part in (args, f"lr x {result['scale']:g}") if part)
+        if result.get("refine"):
+            target = result.get("refine_target", 1.0)
+            args = ", ".join(part for part in (args, f"{result['refine']} refinement steps at relative lr "
+                                                     f"{result.get('refine_lr', 0.1):g}"
+                                                     + (f" until p {target:g}" if target < 1 else "")) if part)
         out.append(f"- `{editor}`: `{result['folder']}`" + (f" with {args}" if args else ""))
     if (RECORDS / f"{name}.png").exists():
         out += ["", f"![{name}](results/{name}.png)"]

@@ -242,3 +242,21 @@ def test_edit_py_can_swap_in_the_joint_solve(editor_dir, tmp_path):
     editor, config = load_editor(editor_dir / "editor", update="joint_closed_form")
     assert isinstance(editor.update, JointClosedFormUpdate) and config.update == "joint_closed_form"
     assert "form" not in config.update_args  # the per-module solve's option does not carry over
+
+
+def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
+    """--refine K: K Adam steps on the residuals through the editor's own solve; the edit report and the model card
+    say so, and the edit differs from the hypernetwork's one step."""
+    requests_path = _requests_file(tmp_path, n=4)
+    common = ["--editor", str(editor_dir / "editor"), "--requests", str(requests_path), "--max-length", "1024",
+              "--score", "edit", "--delta"]
+    assert edit_main(common + ["--out", str(tmp_path / "plain.safetensors")]) == 0
+    assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5",
+                               "--out", str(tmp_path / "refined.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    plain, refined = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "refined.safetensors")
+    shift_names = [n for n in plain if "restore" not in n]
+    assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
+    report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
+    assert report["settings"]["refine_steps"] == 3 and report["settings"]["refine_lr"] == 0.5

@@ -55,3 +55,42 @@ def test_scaling_the_lr_scales_the_shifts(tiny_llama, spread):
         torch.testing.assert_close(got, 3.0 * want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
     with pytest.raises(ValueError, match="positive"):
         editor.hypernet.scale_lr(0.0)
+
+
+def test_refining_the_residuals_lowers_the_edit_loss_through_the_solve(tiny_llama):
+    """``refine``: Adam steps on the spread residuals against the edit prompts' loss with the solved shifts applied;
+    the shifts stay the update stage's solve of the refined residuals, and the edit loss falls."""
+    from horse_pl.editing.update import JointClosedFormUpdate
+    from horse_pl.lm.passes import answer_ce
+
+    model, tok = load_model(tiny_llama)
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
+    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=2, max_length=1024)["edit"].micro_batches
+    torch.manual_seed(0)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0, update=JointClosedFormUpdate())
+
+    def edit_loss(shifts) -> float:
+        with torch.no_grad(), applied(modules, shifts):
+            return sum(float(answer_ce(model, mb)) for mb in micro_batches)
+
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+    assert editor.refine(model, modules, micro_batches, state, 0) is state
+    refined = editor.refine(model, modules, micro_batches, state, steps=5, lr=0.5)
+    assert edit_loss(refined.param_shifts) < edit_loss(state.param_shifts) - 1e-3
+    again, _ = editor.update.solve(refined.update_keys, refined.spread_residuals, editor.log_lambdas())
+    for got, want in zip(refined.param_shifts, again):
+        torch.testing.assert_close(got, want)
+    for before, after in zip(state.spread_residuals, refined.spread_residuals):
+        assert (after - before).norm() > 0
+    via_rounds = editor.edit_in_rounds(model, modules, micro_batches, refine_steps=5, refine_lr=0.5)
+    for got, want in zip(via_rounds.param_shifts, refined.param_shifts):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="one round"):
+        editor.edit_in_rounds(model, modules, micro_batches, rounds=2, refine_steps=1)
+    # every request counts as landed at a target it has already passed: nothing pulls, nothing moves
+    still = editor.refine(model, modules, micro_batches, state, steps=2, lr=0.5, target=1e-30)
+    for before, after in zip(state.spread_residuals, still.spread_residuals):
+        torch.testing.assert_close(after, before)
+    with pytest.raises(ValueError, match="probability"):
+        editor.refine(model, modules, micro_batches, state, steps=1, target=0.0)

@@ -8,6 +8,7 @@ hypernetwork in row chunks so memory stays bounded for thousands of edits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,13 +16,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from horse_pl.data.tokenize import IGNORE_INDEX
 from horse_pl.editing.capture import Capture, capture
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
+from horse_pl.lm.passes import answer_logits
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
+
+
+def _unlanded_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target: float) -> torch.Tensor:
+    """Summed answer-token cross-entropy of the requests of a micro-batch whose answer tokens' geometric-mean
+    probability is below ``target`` (all of them at ``target=1``)."""
+    logits, labels = answer_logits(model, micro_batch)
+    token_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    if target >= 1:
+        return token_ce.sum()
+    rows = (micro_batch["labels"] != IGNORE_INDEX).nonzero()[:, 0]  # answer tokens in row order
+    n_rows = micro_batch["labels"].shape[0]
+    per_row = torch.zeros(n_rows, device=token_ce.device).index_add_(0, rows, token_ce.detach())
+    counts = torch.zeros(n_rows, device=token_ce.device).index_add_(0, rows, torch.ones_like(token_ce))
+    unlanded = per_row / counts.clamp_min(1) > -math.log(target)
+    return (token_ce * unlanded[rows]).sum()
 
 
 @dataclass
@@ -160,21 +178,70 @@ class Editor(nn.Module):
             state.graph = (graph_keys, graph_residuals)
         return state
 
+    def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState, steps: int,
+               lr: float = 0.1, all_reduce: AllReduce = LOCAL, target: float = 1.0) -> EditState:
+        """Refine the spread residuals by ``steps`` Adam steps on the edit prompts' cross-entropy with the solved
+        shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve. Each step
+        is one forward + backward of the edit prompts; the gradient at the shifts goes back to the residuals
+        through the update stage (:meth:`ParamShiftUpdate.solve_grads`), so the preservation terms of the solve
+        still hold. ``lr`` is relative: each module's Adam rate is ``lr`` times the RMS of its first residuals.
+        A request whose answer tokens' geometric-mean probability has reached ``target`` drops out of the loss
+        (1: none drops out), so edits that have landed stop pulling the residuals further.
+        The hypernetwork's residuals are the starting point; with ``steps=0`` the state is returned as is."""
+        if steps <= 0:
+            return state
+        if not lr > 0:
+            raise ValueError(f"The refinement lr must be positive, not {lr}.")
+        if not 0 < target <= 1:
+            raise ValueError(f"The refinement target must be a probability in (0, 1], not {target}.")
+        n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+        residuals = [r.detach().clone() for r in state.spread_residuals]
+        optimiser = torch.optim.Adam([{"params": [r], "lr": lr * float(r.float().pow(2).mean().sqrt()) or lr}
+                                      for r in residuals])
+        log_lambdas = [lam.detach() for lam in self.log_lambdas()]
+
+        def solve():
+            with torch.no_grad():
+                return self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce, self.key_moments,
+                                         self.fact_moments)
+        for _ in range(steps):
+            solved, factors = solve()
+            shifts = [shift.detach().requires_grad_(True) for shift in solved]
+            with torch.enable_grad(), applied(modules, shifts):
+                for mb in micro_batches:
+                    _unlanded_ce(model, mb, target).div(n_tokens).backward()
+            grads = self.update.solve_grads(state.update_keys, residuals, log_lambdas, solved,
+                                            [all_reduce(s.grad) for s in shifts], all_reduce, factors)
+            for residual, grad in zip(residuals, grads):
+                residual.grad = grad.residuals.to(residual.dtype)
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+        solved, factors = solve()
+        return EditState(state.update_keys, state.residuals, residuals, solved, factors=factors)
+
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
-                       all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None) -> EditState:
+                       all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None, refine_steps: int = 0,
+                       refine_lr: float = 0.1, refine_target: float = 1.0) -> EditState:
         """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied and adds
         its shifts to theirs. One round is :meth:`capture` + :meth:`param_shifts`. Each round is about as strong as
         the first (the hypernetwork normalises the value gradients it reads, and an edit's gradient stays large
         until it lands), so rounds add whole edits' shifts (docs/results: edit_quality_counterfact_dev_subject).
-        The returned state holds the last round's keys and residuals and the summed ``param_shifts``."""
+        The returned state holds the last round's keys and residuals and the summed ``param_shifts``. With
+        ``refine_steps`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`)."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {rounds}.")
+        if refine_steps and rounds > 1:
+            raise ValueError("Refining the residuals (refine_steps) works on one round; use rounds=1.")
         stage = timer if timer is not None else (lambda name: nullcontext())
         total: list[torch.Tensor] | None = None
         for _ in range(rounds):
             with applied(modules, total) if total is not None else nullcontext(), stage("capture"):
                 cap = self.capture(model, modules, micro_batches)
             state = self.param_shifts(cap, all_reduce, timer=timer)
+            if refine_steps:
+                with stage("refine"):
+                    state = self.refine(model, modules, micro_batches, state, refine_steps, refine_lr, all_reduce,
+                                        refine_target)
             total = state.param_shifts if total is None else [t + s for t, s in zip(total, state.param_shifts)]
         state.param_shifts = total
         return state

@@ -30,13 +30,16 @@ class BatchResult:
 
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: EditBatch,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
-                   timer: StageTimer | None = None, rounds: int = 1) -> BatchResult:
-    """Compute the shifts of ``batch["edit"]`` (in ``rounds``, :meth:`Editor.edit_in_rounds`), score ``views``
+                   timer: StageTimer | None = None, rounds: int = 1, refine_steps: int = 0,
+                   refine_lr: float = 0.1, refine_target: float = 1.0) -> BatchResult:
+    """Compute the shifts of ``batch["edit"]`` (in ``rounds``, refined by ``refine_steps``:
+    :meth:`Editor.edit_in_rounds`), score ``views``
     unedited (or, without ``score_before``, only the locality view when it is among ``views``: LS_agree needs it)
     and with the shifts applied; no views, no scoring. The model is left unedited. ``timer`` receives the
     seconds of capture, predict, spread, solve, score_before and score_after."""
     timer = StageTimer(next(lm.parameters()).device) if timer is None else timer
-    state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer)
+    state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer, refine_steps,
+                                  refine_lr, refine_target)
     views = tuple(v for v in views if batch.get(v))
     with timer("score_before"):
         if score_before:
