@@ -21,6 +21,7 @@ from horse_pl.api import KnowledgeEditor, apply_delta, read_delta, save_model
 from horse_pl.cards import edited_model_card
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, hold_out_dev, load_requests
 from horse_pl.data.tokenize import TokenizationError
+from horse_pl.editing.editor import Refinement
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.export import EditorLoadError
 from horse_pl.io import OutputError, check_writable, write_atomic_dir, write_atomic_file
@@ -95,8 +96,9 @@ def run_edit(args: argparse.Namespace) -> None:
         general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
-                                  score=args.score, rounds=args.rounds, refine_steps=args.refine,
-                                  refine_lr=args.refine_lr, refine_target=args.refine_target)
+                                  score=args.score, rounds=args.rounds,
+                                  refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
+                                                        args.refine_preserve))
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -302,12 +304,22 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-target", type=_probability, default=1.0,
                    help="a request whose answer reaches this probability (geometric mean over its tokens) stops "
                         "pulling the residuals (default 1: every request pulls for all K steps)")
+    p.add_argument("--refine-preserve", type=_non_negative_float, default=0.0,
+                   help="weight of the mean squared output change on unrelated text's keys (the preservation term's "
+                        "C0) in the refined loss (default 0)")
 
 
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, not {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, not {text}")
     return value
 
 

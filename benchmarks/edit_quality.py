@@ -19,8 +19,8 @@ on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preser
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
 same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
 (every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
-[,refine_target=P]`` (K Adam steps on the residuals against the edit prompts' loss through the solve, requests at
-probability P dropping out: ``Editor.refine``);
+[,refine_target=P][,refine_preserve=W]`` (K Adam steps on the residuals against the edit prompts' loss through the
+solve: ``horse_pl.editing.editor.Refinement``);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -38,6 +38,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +54,19 @@ RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smo
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
-                  "scale": float, "refine": int, "refine_lr": float, "refine_target": float}
-# editor options that are not update-stage arguments
-NOT_STAGE = ("update", "rounds", "scale", "refine", "refine_lr", "refine_target")
+                  "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float}
+REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve"}
+NOT_STAGE = ("update", "rounds", "scale", *REFINEMENT)  # editor options that are not update-stage arguments
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
     """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]
-    [,refine=K][,refine_lr=X][,refine_target=P]`` -> (name, folder, options)."""
+    [,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W]`` -> (name, folder, options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
-                         "[,update=STAGE][,rounds=R][,scale=S][,refine=K][,refine_lr=X][,refine_target=P], "
-                         f"not '{spec}'.")
+                         "[,update=STAGE][,rounds=R][,scale=S][,refine=K][,refine_lr=X][,refine_target=P]"
+                         f"[,refine_preserve=W], not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -133,6 +134,7 @@ def evaluate(args) -> dict:
     from horse_pl.api import KnowledgeEditor
     from horse_pl.data.batch import EVAL_VIEWS
     from horse_pl.edit_modules import get_modules
+    from horse_pl.editing.editor import Refinement
     from horse_pl.editing.evaluate import edit_and_score
     from horse_pl.editing.key_stats import bind_preservation
     from horse_pl.editing.shifts import applied
@@ -172,11 +174,11 @@ def evaluate(args) -> dict:
                               args.preserve_facts_data or config.training.get("preserve_facts_data"))
             ke.editor, ke.config = editor.to(args.device), config
             ke.modules = get_modules(ke.model, config.edit_modules)
+        refinement = Refinement(**{field: overrides[key] for key, field in REFINEMENT.items() if key in overrides})
         entry = report["editors"][name] = {
             "folder": str(folder), "update": ke.config.update, "update_args": ke.config.update_args,
             "rounds": overrides.get("rounds", 1), "scale": overrides.get("scale", 1.0),
-            "refine": overrides.get("refine", 0), "refine_lr": overrides.get("refine_lr", 0.1),
-            "refine_target": overrides.get("refine_target", 1.0),
+            "refinement": asdict(refinement) if refinement else None,
             "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
         if "scale" in overrides:
             ke.editor.hypernet.scale_lr(overrides["scale"])
@@ -186,9 +188,7 @@ def evaluate(args) -> dict:
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timer=timer,
-                                    rounds=overrides.get("rounds", 1), refine_steps=overrides.get("refine", 0),
-                                    refine_lr=overrides.get("refine_lr", 0.1),
-                                    refine_target=overrides.get("refine_target", 1.0))
+                                    rounds=overrides.get("rounds", 1), refinement=refinement)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timer.seconds.get(k, 0.0) for k in ("capture", "predict", "spread", "solve",
                                                                           "refine"))
@@ -247,7 +247,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
                    help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]"
-                        "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P] (default: the recipes' editors)")
+                        "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W] (default: the "
+                        "recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch
 from horse_pl.data.records import EditRequest, RecordError
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
+from horse_pl.editing.editor import Refinement
 from horse_pl.editing.evaluate import edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
@@ -113,16 +115,15 @@ class KnowledgeEditor:
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
-             examples: int = 3, score: str = "all", rounds: int = 1, refine_steps: int = 0,
-             refine_lr: float = 0.1, refine_target: float = 1.0) -> tuple[list[torch.Tensor], dict]:
+             examples: int = 3, score: str = "all", rounds: int = 1,
+             refinement: Refinement | None = None) -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts before and after the edit.
         ``score``: ``all`` (every view before and after), ``edit`` (the edit and rephrase prompts after the edit:
         ES, GS, EM) or ``none`` (no scoring, the edit alone). ``rounds > 1`` edits again on the edited model, each round
-        about as strong as the first (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`). ``refine_steps`` refines
-        the residuals by that many Adam steps (relative rate ``refine_lr``) on the edit prompts' loss through the
-        editor's own solve, each one forward + backward of the edit prompts; a request whose answer reaches
-        probability ``refine_target`` stops pulling (:meth:`Editor.refine`).
+        about as strong as the first (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`). A ``refinement``
+        (:class:`horse_pl.editing.editor.Refinement`) refines the residuals by Adam steps on the edit prompts' loss
+        through the editor's own solve, each one forward + backward of the edit prompts (:meth:`Editor.refine`).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
@@ -135,7 +136,7 @@ class KnowledgeEditor:
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
                                 score_before=score == "all",
                                 timer=StageTimer(self.device, self.timings), rounds=rounds,
-                                refine_steps=refine_steps, refine_lr=refine_lr, refine_target=refine_target)
+                                refinement=refinement)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         shown = list(requests[:examples])
         before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
@@ -149,8 +150,8 @@ class KnowledgeEditor:
             self.fingerprints = (self.fingerprints[0], model_fingerprint(self.model))
             self.timings["merge"] = time.perf_counter() - start
         report = self._report(requests, result)
-        report["settings"] = {"score": score, "rounds": rounds, "refine_steps": refine_steps, "refine_lr": refine_lr,
-                              "refine_target": refine_target}
+        report["settings"] = {"score": score, "rounds": rounds,
+                              "refinement": asdict(refinement) if refinement else None}
         report["examples"] = [{"prompt": r.prompt, "target": r.target, "before": b, "after": a}
                               for r, b, a in zip(shown, before, after)]
         if general_report is not None:

@@ -55,6 +55,16 @@ def editor_card(config) -> str:
     return "\n".join(lines)
 
 
+def refinement_text(refinement: Mapping) -> str:
+    """``Refinement`` settings in words (model cards and the results documents)."""
+    parts = [f"{refinement['steps']} steps at relative rate {refinement['lr']:g}"]
+    if refinement.get("target", 1.0) < 1:
+        parts.append(f"until p {refinement['target']:g}")
+    if refinement.get("preserve"):
+        parts.append(f"preserve {refinement['preserve']:g}")
+    return ", ".join(parts)
+
+
 def edited_model_card(report: Mapping, config, base_model: str, editor_dir: str) -> str:
     """The card of an edited-model folder written by ``edit.py`` (``report`` is its ``edit_report.json``)."""
     summary, requests = report["summary"], report["requests_file"]
@@ -68,9 +78,8 @@ def edited_model_card(report: Mapping, config, base_model: str, editor_dir: str)
     settings = report.get("settings", {})
     if settings.get("rounds", 1) > 1:
         lines.append(f"- rounds: {settings['rounds']}")
-    if settings.get("refine_steps"):
-        lines.append(f"- residuals refined: {settings['refine_steps']} steps, relative rate {settings['refine_lr']:g}"
-                     + (f", until p {settings['refine_target']:g}" if settings.get("refine_target", 1) < 1 else ""))
+    if settings.get("refinement"):
+        lines.append("- residuals refined: " + refinement_text(settings["refinement"]))
     lines += ["", "## Scores on the edited requests (teacher-forced; `edit_report.json` has every request)", ""]
     names = [n for n in SCORE_ORDER if n in summary["after"]]
     if names:

@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from horse_pl.cards import refinement_text  # noqa: E402 (no torch: the model-card text helpers)
+
 RECORDS = ROOT / "docs" / "results"
 RESULTS_MD = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
@@ -173,11 +177,8 @@ def _scale_section(name: str, r: dict) -> list[str]:
             args = ", ".join(part for part in (args, f"{result['rounds']} rounds") if part)
         if result.get("scale", 1.0) != 1.0:
             args = ", ".join(part for part in (args, f"lr x {result['scale']:g}") if part)
-        if result.get("refine"):
-            target = result.get("refine_target", 1.0)
-            args = ", ".join(part for part in (args, f"{result['refine']} refinement steps at relative lr "
-                                                     f"{result.get('refine_lr', 0.1):g}"
-                                                     + (f" until p {target:g}" if target < 1 else "")) if part)
+        if result.get("refinement"):
+            args = ", ".join(part for part in (args, "refined: " + refinement_text(result["refinement"])) if part)
         out.append(f"- `{editor}`: `{result['folder']}`" + (f" with {args}" if args else ""))
     if (RECORDS / f"{name}.png").exists():
         out += ["", f"![{name}](results/{name}.png)"]

@@ -259,4 +259,4 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
     shift_names = [n for n in plain if "restore" not in n]
     assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
-    assert report["settings"]["refine_steps"] == 3 and report["settings"]["refine_lr"] == 0.5
+    assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0}

@@ -8,7 +8,7 @@ from conftest import small_zsre
 from horse_pl.data.batch import edit_batch
 from horse_pl.data.records import load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
-from horse_pl.editing.editor import Editor
+from horse_pl.editing.editor import Editor, Refinement
 from horse_pl.editing.shifts import applied
 from horse_pl.models import load_model
 
@@ -75,22 +75,46 @@ def test_refining_the_residuals_lowers_the_edit_loss_through_the_solve(tiny_llam
             return sum(float(answer_ce(model, mb)) for mb in micro_batches)
 
     state = editor.param_shifts(editor.capture(model, modules, micro_batches))
-    assert editor.refine(model, modules, micro_batches, state, 0) is state
-    refined = editor.refine(model, modules, micro_batches, state, steps=5, lr=0.5)
+    assert editor.refine(model, modules, micro_batches, state, Refinement(0)) is state
+    refined = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
     assert edit_loss(refined.param_shifts) < edit_loss(state.param_shifts) - 1e-3
     again, _ = editor.update.solve(refined.update_keys, refined.spread_residuals, editor.log_lambdas())
     for got, want in zip(refined.param_shifts, again):
         torch.testing.assert_close(got, want)
     for before, after in zip(state.spread_residuals, refined.spread_residuals):
         assert (after - before).norm() > 0
-    via_rounds = editor.edit_in_rounds(model, modules, micro_batches, refine_steps=5, refine_lr=0.5)
+    via_rounds = editor.edit_in_rounds(model, modules, micro_batches, refinement=Refinement(steps=5, lr=0.5))
     for got, want in zip(via_rounds.param_shifts, refined.param_shifts):
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="one round"):
-        editor.edit_in_rounds(model, modules, micro_batches, rounds=2, refine_steps=1)
+        editor.edit_in_rounds(model, modules, micro_batches, rounds=2, refinement=Refinement(1))
     # every request counts as landed at a target it has already passed: nothing pulls, nothing moves
-    still = editor.refine(model, modules, micro_batches, state, steps=2, lr=0.5, target=1e-30)
+    still = editor.refine(model, modules, micro_batches, state, Refinement(steps=2, lr=0.5, target=1e-30))
     for before, after in zip(state.spread_residuals, still.spread_residuals):
         torch.testing.assert_close(after, before)
-    with pytest.raises(ValueError, match="probability"):
-        editor.refine(model, modules, micro_batches, state, steps=1, target=0.0)
+    for bad, words in (({"target": 0.0}, "probability"), ({"lr": 0.0}, "positive"), ({"steps": -1}, "at least 0"),
+                       ({"preserve": -1.0}, "at least 0")):
+        with pytest.raises(ValueError, match=words):
+            Refinement(**{"steps": 1, **bad})
+    with pytest.raises(ValueError, match="key moments"):  # this editor has no C0 bound
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1, preserve=1.0))
+
+
+def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_llama):
+    """``preserve``: the refined loss adds tr(dW^T C0 dW); with a large weight the refined shifts move unrelated keys'
+    outputs (measured in C0) less than without it."""
+    model, tok = load_model(tiny_llama)
+    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
+    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=2, max_length=1024)["edit"].micro_batches
+    torch.manual_seed(0)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
+    moments = [torch.eye(m.weight.shape[1]) + 0.1 * torch.ones(m.weight.shape[1], m.weight.shape[1]) for m in modules]
+    editor.bind_key_moments(moments)
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+
+    def unrelated_change(shifts) -> float:
+        return sum(float(torch.trace(s.T @ c0 @ s)) for s, c0 in zip(shifts, moments))
+    free = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
+    held = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, preserve=1e6))
+    assert unrelated_change(held.param_shifts) < unrelated_change(free.param_shifts)

@@ -27,6 +27,38 @@ from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """Settings of :meth:`Editor.refine` (edit time only; the hypernetwork is not trained through it).
+
+    Args:
+        steps: Adam steps on the residuals (0: no refinement, the hypernetwork's one step).
+        lr: Adam rate relative to the RMS of each module's first residuals.
+        target: a request whose answer tokens' geometric-mean probability reaches it drops out of the loss, so edits
+            that have landed stop pulling the residuals (1: none drops out).
+        preserve: weight of ``tr(dW^T C0 dW)`` in the refined loss, the mean squared output change on the keys of
+            unrelated text (``C0``, the key moments the preservation term uses; 0: none).
+    """
+
+    steps: int = 0
+    lr: float = 0.1
+    target: float = 1.0
+    preserve: float = 0.0
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"The refinement steps must be at least 0, not {self.steps}.")
+        if not self.lr > 0:
+            raise ValueError(f"The refinement lr must be positive, not {self.lr}.")
+        if not 0 < self.target <= 1:
+            raise ValueError(f"The refinement target must be a probability in (0, 1], not {self.target}.")
+        if self.preserve < 0:
+            raise ValueError(f"The refinement preserve weight must be at least 0, not {self.preserve}.")
+
+    def __bool__(self) -> bool:
+        return self.steps > 0
+
+
 def _unlanded_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target: float) -> torch.Tensor:
     """Summed answer-token cross-entropy of the requests of a micro-batch whose answer tokens' geometric-mean
     probability is below ``target`` (all of them at ``target=1``)."""
@@ -178,40 +210,41 @@ class Editor(nn.Module):
             state.graph = (graph_keys, graph_residuals)
         return state
 
-    def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState, steps: int,
-               lr: float = 0.1, all_reduce: AllReduce = LOCAL, target: float = 1.0) -> EditState:
-        """Refine the spread residuals by ``steps`` Adam steps on the edit prompts' cross-entropy with the solved
-        shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve. Each step
-        is one forward + backward of the edit prompts; the gradient at the shifts goes back to the residuals
-        through the update stage (:meth:`ParamShiftUpdate.solve_grads`), so the preservation terms of the solve
-        still hold. ``lr`` is relative: each module's Adam rate is ``lr`` times the RMS of its first residuals.
-        A request whose answer tokens' geometric-mean probability has reached ``target`` drops out of the loss
-        (1: none drops out), so edits that have landed stop pulling the residuals further.
-        The hypernetwork's residuals are the starting point; with ``steps=0`` the state is returned as is."""
-        if steps <= 0:
+    def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState,
+               refinement: Refinement, all_reduce: AllReduce = LOCAL) -> EditState:
+        """Refine the spread residuals by ``refinement.steps`` Adam steps on the edit prompts' cross-entropy with the
+        solved shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve, from
+        the hypernetwork's residuals. Each step is one forward + backward of the edit prompts; the gradient at the
+        shifts goes back to the residuals through the update stage (:meth:`ParamShiftUpdate.solve_grads`), so the
+        solve's own preservation terms still hold. See :class:`Refinement` for the settings."""
+        if not refinement:
             return state
-        if not lr > 0:
-            raise ValueError(f"The refinement lr must be positive, not {lr}.")
-        if not 0 < target <= 1:
-            raise ValueError(f"The refinement target must be a probability in (0, 1], not {target}.")
         n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         residuals = [r.detach().clone() for r in state.spread_residuals]
-        optimiser = torch.optim.Adam([{"params": [r], "lr": lr * float(r.float().pow(2).mean().sqrt()) or lr}
-                                      for r in residuals])
+        optimiser = torch.optim.Adam([{"params": [r], "lr": refinement.lr * float(r.float().pow(2).mean().sqrt())
+                                       or refinement.lr} for r in residuals])
         log_lambdas = [lam.detach() for lam in self.log_lambdas()]
+        moments = self.key_moments
+        if refinement.preserve and moments is None:
+            raise ValueError("Refinement with preserve > 0 needs the edit modules' key moments; build the editor "
+                             "through EditorModule or KnowledgeEditor, which compute them.")
 
         def solve():
             with torch.no_grad():
-                return self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce, self.key_moments,
+                return self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce, moments,
                                          self.fact_moments)
-        for _ in range(steps):
+        for _ in range(refinement.steps):
             solved, factors = solve()
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
             with torch.enable_grad(), applied(modules, shifts):
                 for mb in micro_batches:
-                    _unlanded_ce(model, mb, target).div(n_tokens).backward()
-            grads = self.update.solve_grads(state.update_keys, residuals, log_lambdas, solved,
-                                            [all_reduce(s.grad) for s in shifts], all_reduce, factors)
+                    _unlanded_ce(model, mb, refinement.target).div(n_tokens).backward()
+            shift_grads = [all_reduce(s.grad) for s in shifts]
+            if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
+                shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach())
+                               for g, c0, s in zip(shift_grads, moments, shifts)]
+            grads = self.update.solve_grads(state.update_keys, residuals, log_lambdas, solved, shift_grads,
+                                            all_reduce, factors)
             for residual, grad in zip(residuals, grads):
                 residual.grad = grad.residuals.to(residual.dtype)
             optimiser.step()
@@ -220,28 +253,27 @@ class Editor(nn.Module):
         return EditState(state.update_keys, state.residuals, residuals, solved, factors=factors)
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
-                       all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None, refine_steps: int = 0,
-                       refine_lr: float = 0.1, refine_target: float = 1.0) -> EditState:
+                       all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None,
+                       refinement: Refinement | None = None) -> EditState:
         """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied and adds
         its shifts to theirs. One round is :meth:`capture` + :meth:`param_shifts`. Each round is about as strong as
         the first (the hypernetwork normalises the value gradients it reads, and an edit's gradient stays large
         until it lands), so rounds add whole edits' shifts (docs/results: edit_quality_counterfact_dev_subject).
-        The returned state holds the last round's keys and residuals and the summed ``param_shifts``. With
-        ``refine_steps`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`)."""
+        The returned state holds the last round's keys and residuals and the summed ``param_shifts``. With a
+        ``refinement`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`)."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {rounds}.")
-        if refine_steps and rounds > 1:
-            raise ValueError("Refining the residuals (refine_steps) works on one round; use rounds=1.")
+        if refinement and rounds > 1:
+            raise ValueError("Refining the residuals works on one round; use rounds=1.")
         stage = timer if timer is not None else (lambda name: nullcontext())
         total: list[torch.Tensor] | None = None
         for _ in range(rounds):
             with applied(modules, total) if total is not None else nullcontext(), stage("capture"):
                 cap = self.capture(model, modules, micro_batches)
             state = self.param_shifts(cap, all_reduce, timer=timer)
-            if refine_steps:
+            if refinement:
                 with stage("refine"):
-                    state = self.refine(model, modules, micro_batches, state, refine_steps, refine_lr, all_reduce,
-                                        refine_target)
+                    state = self.refine(model, modules, micro_batches, state, refinement, all_reduce)
             total = state.param_shifts if total is None else [t + s for t, s in zip(total, state.param_shifts)]
         state.param_shifts = total
         return state

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from horse_pl.data.batch import EditBatch
-from horse_pl.editing.editor import Editor, EditState
+from horse_pl.editing.editor import Editor, EditState, Refinement
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce
 from horse_pl.metrics import SequenceScores, compute_scores, score_batch, score_view
@@ -30,16 +30,15 @@ class BatchResult:
 
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: EditBatch,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
-                   timer: StageTimer | None = None, rounds: int = 1, refine_steps: int = 0,
-                   refine_lr: float = 0.1, refine_target: float = 1.0) -> BatchResult:
-    """Compute the shifts of ``batch["edit"]`` (in ``rounds``, refined by ``refine_steps``:
+                   timer: StageTimer | None = None, rounds: int = 1,
+                   refinement: Refinement | None = None) -> BatchResult:
+    """Compute the shifts of ``batch["edit"]`` (in ``rounds``, or refined by ``refinement``:
     :meth:`Editor.edit_in_rounds`), score ``views``
     unedited (or, without ``score_before``, only the locality view when it is among ``views``: LS_agree needs it)
     and with the shifts applied; no views, no scoring. The model is left unedited. ``timer`` receives the
     seconds of capture, predict, spread, solve, score_before and score_after."""
     timer = StageTimer(next(lm.parameters()).device) if timer is None else timer
-    state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer, refine_steps,
-                                  refine_lr, refine_target)
+    state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer, refinement)
     views = tuple(v for v in views if batch.get(v))
     with timer("score_before"):
         if score_before:
