@@ -147,6 +147,7 @@ def _fit_section(title: str, records: list[tuple[str, dict]]) -> list[str]:
 def _scale_section(name: str, r: dict) -> list[str]:
     out = [f"### Simultaneous edits: `{name}` ({r['dataset']}, {r['split']} split)", "",
            f"`{r['command']}` — {_when(r)}, {r['machine']}.", "", f"Requests: {r['data']}, seed {r['seed']}.", ""]
+    out += [r["note"], ""] if r.get("note") else []
     ns = sorted(int(n) for n in r["unedited"])
     keys = [k for k in SCALE if any(k in row for row in r["unedited"].values())]
     has_general = "general_unedited" in r
