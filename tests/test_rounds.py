@@ -13,12 +13,18 @@ from horse_pl.editing.shifts import applied
 from horse_pl.models import load_model
 
 
-def test_each_round_is_a_capture_and_solve_on_the_model_the_earlier_rounds_edited(tiny_llama):
+def _setup(tiny_llama, n_requests: int, batch_size: int):
+    """The tiny model, its last two layers' MLP outputs as edit modules, and the edit view of a few zsRE requests."""
     model, tok = load_model(tiny_llama)
     modules = get_modules(model, resolve_edit_modules(model, "last:2"))
-    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=6)
-    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=3, max_length=1024)["edit"].micro_batches
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=n_requests)
+    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=batch_size, max_length=1024)["edit"].micro_batches
     torch.manual_seed(0)
+    return model, modules, micro_batches
+
+
+def test_each_round_is_a_capture_and_solve_on_the_model_the_earlier_rounds_edited(tiny_llama):
+    model, modules, micro_batches = _setup(tiny_llama, 6, 3)
     editor = Editor([weight_shape(m) for m in modules], rank=8, lr=500.0)
     for p in editor.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
@@ -42,11 +48,7 @@ def test_scaling_the_lr_scales_the_shifts(tiny_llama, spread):
     """Residuals are linear in lr, the spread is scale-equivariant and the solve is linear in the residuals."""
     from horse_pl.editing import spread as spreads
 
-    model, tok = load_model(tiny_llama)
-    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
-    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
-    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=2, max_length=1024)["edit"].micro_batches
-    torch.manual_seed(0)
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
     editor = Editor([weight_shape(m) for m in modules], rank=8, lr=500.0, spread=getattr(spreads, spread)())
     cap = editor.capture(model, modules, micro_batches)
     base = editor.param_shifts(cap).param_shifts
@@ -63,11 +65,7 @@ def test_refining_the_residuals_lowers_the_edit_loss_through_the_solve(tiny_llam
     from horse_pl.editing.update import JointClosedFormUpdate
     from horse_pl.lm.passes import answer_ce
 
-    model, tok = load_model(tiny_llama)
-    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
-    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
-    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=2, max_length=1024)["edit"].micro_batches
-    torch.manual_seed(0)
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
     editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0, update=JointClosedFormUpdate())
 
     def edit_loss(shifts) -> float:
@@ -103,11 +101,7 @@ def test_refining_the_residuals_lowers_the_edit_loss_through_the_solve(tiny_llam
 def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_llama):
     """``preserve``: the refined loss adds tr(dW^T C0 dW); with a large weight the refined shifts move unrelated keys'
     outputs (measured in C0) less than without it."""
-    model, tok = load_model(tiny_llama)
-    modules = get_modules(model, resolve_edit_modules(model, "last:2"))
-    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
-    micro_batches = edit_batch(tok, requests, ("edit",), batch_size=2, max_length=1024)["edit"].micro_batches
-    torch.manual_seed(0)
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
     editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
     moments = [torch.eye(m.weight.shape[1]) + 0.1 * torch.ones(m.weight.shape[1], m.weight.shape[1]) for m in modules]
     editor.bind_key_moments(moments)
