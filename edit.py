@@ -309,39 +309,22 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "C0) in the refined loss (default 0)")
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, not {text}")
-    return value
+def _number(cast, ok, words: str):
+    """An argparse type: ``cast`` the text and keep it when ``ok(value)``, else say it ``must be {words}``."""
+    def parse(text: str):
+        value = cast(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, not {text}")
+        return value
+    parse.__name__ = cast.__name__  # argparse's "invalid int value: 'x'" for text that is no number
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, not {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability above 0 and at most 1, not {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
+_non_negative_float = _number(float, lambda v: v >= 0, "a number of at least 0")
+_positive_float = _number(float, lambda v: v > 0, "a number above 0")
+_probability = _number(float, lambda v: 0 < v <= 1, "a probability above 0 and at most 1")
 
 
 def _delta_parser(p: argparse.ArgumentParser) -> None:

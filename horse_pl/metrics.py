@@ -20,8 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from horse_pl.data.batch import EditBatch, View
-from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.lm import answer_logits
+from horse_pl.lm import answer_logits, sequence_sums
 
 SCORE_NAMES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "portability", "efficacy", "paraphrase",
                "neighborhood")
@@ -44,16 +43,14 @@ def score_view(model: nn.Module, view: View) -> SequenceScores:
     acc, exact, logprob, argmax = [], [], [], []
     for mb in view:
         logits, labels = answer_logits(model, mb)
-        seq = (mb["labels"] != IGNORE_INDEX).nonzero()[:, 0]  # sequence of each answer token
-        n_seq = mb["labels"].shape[0]
         pred = logits.argmax(-1)
         right = (pred == labels).float()
         token_lp = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
-        n_tok = torch.zeros(n_seq, device=seq.device).index_add_(0, seq, torch.ones_like(right))
-        n_right = torch.zeros(n_seq, device=seq.device).index_add_(0, seq, right)
+        n_tok = sequence_sums(torch.ones_like(right), mb["labels"])
+        n_right = sequence_sums(right, mb["labels"])
         acc.append(n_right / n_tok)
         exact.append((n_right == n_tok).float())
-        logprob.append(torch.zeros(n_seq, device=seq.device).index_add_(0, seq, token_lp) / n_tok)
+        logprob.append(sequence_sums(token_lp, mb["labels"]) / n_tok)
         argmax.append(pred)
     return SequenceScores(view.rows, _cat(acc), _cat(exact), _cat(logprob), argmax)
 

@@ -22,7 +22,7 @@ from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
-from horse_pl.lm.passes import answer_logits
+from horse_pl.lm.passes import answer_logits, sequence_sums
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
 
@@ -66,12 +66,10 @@ def _unlanded_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target:
     token_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     if target >= 1:
         return token_ce.sum()
-    rows = (micro_batch["labels"] != IGNORE_INDEX).nonzero()[:, 0]  # answer tokens in row order
-    n_rows = micro_batch["labels"].shape[0]
-    per_row = torch.zeros(n_rows, device=token_ce.device).index_add_(0, rows, token_ce.detach())
-    counts = torch.zeros(n_rows, device=token_ce.device).index_add_(0, rows, torch.ones_like(token_ce))
-    unlanded = per_row / counts.clamp_min(1) > -math.log(target)
-    return (token_ce * unlanded[rows]).sum()
+    labels = micro_batch["labels"]
+    mean_ce = sequence_sums(token_ce.detach(), labels) / sequence_sums(torch.ones_like(token_ce), labels).clamp_min(1)
+    rows = (labels != IGNORE_INDEX).nonzero()[:, 0]  # the sequence of each answer token
+    return (token_ce * (mean_ce > -math.log(target))[rows]).sum()
 
 
 @dataclass

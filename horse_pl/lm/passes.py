@@ -67,6 +67,14 @@ def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> tup
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def sequence_sums(token_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence of a micro-batch, the sum of ``token_values`` (one value per answer token, in row order, as
+    :func:`answer_logits` returns them) over its answer tokens (``labels``: the micro-batch's, batch x seq)."""
+    rows = (labels != IGNORE_INDEX).nonzero()[:, 0]  # the sequence of each answer token
+    return torch.zeros(labels.shape[0], device=token_values.device, dtype=token_values.dtype).index_add_(
+        0, rows, token_values)
+
+
 def answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of a micro-batch (its row groups' answer states go through
     the output projection together: one larger matrix product runs faster than several small ones)."""
