@@ -112,3 +112,10 @@ def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_
     free = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
     held = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, preserve=1e6))
     assert unrelated_change(held.param_shifts) < unrelated_change(free.param_shifts)
+    # the charge can name its own C0 (lifelong editing binds another matrix to the solve): the same refined shifts
+    other = [torch.eye(m.shape[0]) for m in moments]
+    editor.bind_key_moments(other)  # unused by this editor's solve (preserve 0), so only the charge could change
+    named = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, preserve=1e6),
+                          unrelated_moments=moments)
+    for got, want in zip(named.param_shifts, held.param_shifts):
+        torch.testing.assert_close(got, want)

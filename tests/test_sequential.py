@@ -334,3 +334,36 @@ def test_turns_with_preserve_facts_solve_with_the_known_facts_term(editor_dir, t
     with pytest.raises(ValueError, match="preserve-facts-data"):
         no_file = _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), preserve_facts=1.0)
         build_editor("horse", load_model(tiny_llama)[0], no_file, [])
+
+
+def test_lifelong_turns_refine_their_residuals_through_the_turn_solve(editor_dir, tiny_llama, tmp_path, monkeypatch):
+    """``--refine K`` in a sequential run: each turn's residuals are refined on its edit prompts through that turn's
+    own solve (lifelong: mu C0 + nu * earlier keys), and ``--refine-preserve`` charges the change on C0 itself."""
+    from horse_pl.editing.editor import Refinement
+    from horse_pl.editing.key_stats import cached_key_moments
+    from horse_pl.export import load_editor
+    from horse_pl.sequential.runner import build_editor
+
+    monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))
+    mu, refinement = 1e2, Refinement(steps=3, lr=0.5, preserve=1.0)
+    model, tok = load_model(tiny_llama)
+    cfg = _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), lifelong_preserve=mu,
+                  refine=3, refine_lr=0.5, refine_preserve=1.0)
+    horse = build_editor("horse_lifelong", model, cfg, [])
+    assert horse.refinement == refinement and horse.unrelated is not None
+    moments = cached_key_moments(model, tok, horse.edit_modules, GENERAL)
+    turn = _turns(tok, n=1)[0]
+    # the first turn (no memory yet): the editor's solve with mu C0, refined with the C0 charge
+    reference, _ = load_editor(editor_dir / "editor", {"preserve": mu})
+    reference.bind_key_moments(moments)
+    with torch.no_grad():
+        state = reference.param_shifts(reference.capture(model, horse.layers, turn))
+    refined = reference.refine(model, horse.layers, turn, state, refinement).param_shifts
+    before = horse.weights()
+    horse.edit(turn)
+    for b, a, shift, one_step in zip(before, horse.weights(), refined, state.param_shifts):
+        scale = float(shift.abs().max())
+        assert torch.allclose(a - b, shift.T, rtol=0, atol=1e-3 * scale)
+        assert float((shift - one_step).norm()) > 0.01 * float(one_step.norm())  # the refinement moved it
+    with pytest.raises(ValueError, match="refinement target"):
+        _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), refine=2, refine_target=0.0).check()

@@ -209,12 +209,15 @@ class Editor(nn.Module):
         return state
 
     def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState,
-               refinement: Refinement, all_reduce: AllReduce = LOCAL) -> EditState:
+               refinement: Refinement, all_reduce: AllReduce = LOCAL,
+               unrelated_moments: Sequence[torch.Tensor] | None = None) -> EditState:
         """Refine the spread residuals by ``refinement.steps`` Adam steps on the edit prompts' cross-entropy with the
         solved shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve, from
         the hypernetwork's residuals. Each step is one forward + backward of the edit prompts; the gradient at the
         shifts goes back to the residuals through the update stage (:meth:`ParamShiftUpdate.solve_grads`), so the
-        solve's own preservation terms still hold. See :class:`Refinement` for the settings."""
+        solve's own preservation terms still hold. See :class:`Refinement` for the settings. ``refinement.preserve``
+        charges the output change on ``unrelated_moments`` (each module's ``C0``; default the bound key moments, which
+        are ``C0`` except where a caller bound another preservation matrix, as lifelong editing does)."""
         if not refinement:
             return state
         n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
@@ -223,7 +226,8 @@ class Editor(nn.Module):
                                        or refinement.lr} for r in residuals])
         log_lambdas = [lam.detach() for lam in self.log_lambdas()]
         moments = self.key_moments
-        if refinement.preserve and moments is None:
+        unrelated = list(unrelated_moments) if unrelated_moments is not None else moments
+        if refinement.preserve and unrelated is None:
             raise ValueError("Refinement with preserve > 0 needs the edit modules' key moments; build the editor "
                              "through EditorModule or KnowledgeEditor, which compute them.")
 
@@ -240,7 +244,7 @@ class Editor(nn.Module):
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
                 shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach())
-                               for g, c0, s in zip(shift_grads, moments, shifts)]
+                               for g, c0, s in zip(shift_grads, unrelated, shifts)]
             grads = self.update.solve_grads(state.update_keys, residuals, log_lambdas, solved, shift_grads,
                                             all_reduce, factors)
             for residual, grad in zip(residuals, grads):

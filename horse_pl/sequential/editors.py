@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from horse_pl.edit_modules import get_modules, weight_in_out
+from horse_pl.editing.editor import Refinement
 from horse_pl.editing.shifts import merge, shift_hook
 from horse_pl.lm import answer_ce
 
@@ -175,22 +176,34 @@ class HorseTurnEditor:
     weighs ``keep_edits`` rows of this turn's residual fit). An editor with ``preserve_facts`` adds ``mu_f F`` (the
     keys at known facts' answers, bound on the editor) to every turn's solve, plain or lifelong.
 
+    A ``refinement`` refines each turn's residuals on that turn's edit prompts through the turn's own solve
+    (:meth:`horse_pl.editing.editor.Editor.refine`), so a lifelong turn's refined shifts still keep the earlier
+    turns' keys; its ``preserve`` charges the output change on unrelated text's keys (``key_moments``).
+
     Args:
-        key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0).
+        key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0 or the refinement's ``preserve`` > 0).
         keep_edits: ``nu``, weight of the earlier turns' keys (0: forget them).
         preserve: ``mu``; None keeps the editor's own preservation weight (and its ``C0``).
+        refinement: refine each turn's residuals (default none: the hypernetwork's one step).
     """
 
     name = "horse"
 
     def __init__(self, model: nn.Module, editor: nn.Module, edit_modules: Sequence[str], keep_edits: float = 0.0,
-                 preserve: float | None = None, key_moments: Sequence[torch.Tensor] | None = None):
+                 preserve: float | None = None, key_moments: Sequence[torch.Tensor] | None = None,
+                 refinement: Refinement | None = None):
         if keep_edits < 0 or (preserve is not None and preserve < 0):
             raise ValueError(f"keep_edits ({keep_edits}) and preserve ({preserve}) must be at least 0.")
+        if refinement and refinement.preserve and key_moments is None:
+            raise ValueError(f"A refinement with preserve={refinement.preserve} needs the edit modules' key moments "
+                             "(horse_pl.editing.key_stats.cached_key_moments).")
         self.model, self.editor, self.edit_modules = model, editor, list(edit_modules)
         _freeze(model)
         self.layers = get_modules(model, self.edit_modules)
         self.original = [weight_in_out(m).detach().T.float().clone() for m in self.layers]
+        self.refinement = refinement
+        self.unrelated = ([m.float().to(w.device) for m, w in zip(key_moments, self.original)]
+                          if key_moments is not None else None)
         self.lifelong = keep_edits > 0 or preserve is not None
         own = getattr(editor.update, "preserve", None)
         if self.lifelong and own is None:
@@ -203,7 +216,7 @@ class HorseTurnEditor:
             if self.preserve and key_moments is None:
                 raise ValueError(f"Lifelong HORSE with preserve={self.preserve} needs the edit modules' key moments "
                                  "(horse_pl.editing.key_stats.cached_key_moments).")
-            self.c0 = [m.float() for m in key_moments] if self.preserve else None
+            self.c0 = self.unrelated if self.preserve else None
             update = editor.update
             # the solve's preservation matrix becomes mu C0 + nu sum K^T K (bound before every turn), weight 1
             editor.update = type(update)(**{**update.init_args(), "preserve": 1.0})
@@ -225,6 +238,9 @@ class HorseTurnEditor:
             self._bind_preservation()
         with torch.no_grad():
             state = self.editor.param_shifts(cap)
+        if self.refinement:
+            state = self.editor.refine(self.model, self.layers, micro_batches, state, self.refinement,
+                                       unrelated_moments=self.unrelated)
         merge(self.layers, state.param_shifts)
         for memory, keys in zip(self.memory, state.update_keys):
             keys = keys.detach().to(memory.device, torch.float64)

@@ -20,6 +20,7 @@ import torch
 from horse_pl.data.batch import EVAL_VIEWS, EditBatch, EditCollator, tokenize_requests
 from horse_pl.data.records import EditRequest
 from horse_pl.edit_modules import resolve_edit_modules
+from horse_pl.editing.editor import Refinement
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
 from horse_pl.models import load_model
@@ -63,6 +64,14 @@ class SequentialConfig:
                                                  "answers) in each solve (None: the editor's)")
     preserve_facts_data: str | None = _option(None, "records file whose true facts give F (None: the one the editor "
                                                     "was trained with); keep the edited requests out of it")
+    refine: int = _option(0, "horse, horse_lifelong: refine each turn's residuals by K Adam steps on its edit prompts' "
+                             "loss through the turn's own solve (0: the hypernetwork's one step)")
+    refine_lr: float = _option(0.1, "horse, horse_lifelong: Adam rate of --refine, relative to the RMS of each "
+                                    "module's first residuals")
+    refine_target: float = _option(1.0, "horse, horse_lifelong: a request whose answer reaches this probability stops "
+                                        "pulling the residuals")
+    refine_preserve: float = _option(0.0, "horse, horse_lifelong: weight of the mean squared output change on "
+                                          "unrelated text's keys (C0) in the refined loss")
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
                                   "(0: only at the end)")
     seed: int = _option(0, "random seed")
@@ -79,6 +88,7 @@ class SequentialConfig:
         """Refuse settings that cannot run, before any model is loaded."""
         from horse_pl.export import EditorLoadError
 
+        Refinement(self.refine, self.refine_lr, self.refine_target, self.refine_preserve)  # refuses bad settings
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
@@ -115,13 +125,15 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
             # C0 with their own weight, the facts' F stays)
             bind_preservation(editor, model, load_tokenizer(cfg.model), config.edit_modules, general_data,
                               cfg.preserve_facts_data or config.training.get("preserve_facts_data"))
-        if method == "horse":
-            return HorseTurnEditor(model, editor, config.edit_modules)
+        refinement = Refinement(cfg.refine, cfg.refine_lr, cfg.refine_target, cfg.refine_preserve)
+        lifelong = method == "horse_lifelong"
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
         moments = (cached_key_moments(model, load_tokenizer(cfg.model), config.edit_modules, general_data)
-                   if preserve else None)
+                   if (lifelong and preserve) or (refinement and refinement.preserve) else None)
+        if not lifelong:
+            return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement)
         return HorseTurnEditor(model, editor, config.edit_modules, keep_edits=cfg.keep_edits, preserve=preserve,
-                               key_moments=moments)
+                               key_moments=moments, refinement=refinement)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
 
