@@ -84,11 +84,16 @@ class SequentialConfig:
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
+    @property
+    def refinement(self) -> Refinement:
+        """The HORSE turns' refinement settings (no steps: none)."""
+        return Refinement(self.refine, self.refine_lr, self.refine_target, self.refine_preserve)
+
     def check(self) -> None:
         """Refuse settings that cannot run, before any model is loaded."""
         from horse_pl.export import EditorLoadError
 
-        Refinement(self.refine, self.refine_lr, self.refine_target, self.refine_preserve)  # refuses bad settings
+        _ = self.refinement  # building the settings refuses bad ones
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
@@ -125,15 +130,13 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
             # C0 with their own weight, the facts' F stays)
             bind_preservation(editor, model, load_tokenizer(cfg.model), config.edit_modules, general_data,
                               cfg.preserve_facts_data or config.training.get("preserve_facts_data"))
-        refinement = Refinement(cfg.refine, cfg.refine_lr, cfg.refine_target, cfg.refine_preserve)
+        refinement = cfg.refinement
         lifelong = method == "horse_lifelong"
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
         moments = (cached_key_moments(model, load_tokenizer(cfg.model), config.edit_modules, general_data)
                    if (lifelong and preserve) or (refinement and refinement.preserve) else None)
-        if not lifelong:
-            return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement)
-        return HorseTurnEditor(model, editor, config.edit_modules, keep_edits=cfg.keep_edits, preserve=preserve,
-                               key_moments=moments, refinement=refinement)
+        turns = {"keep_edits": cfg.keep_edits, "preserve": preserve} if lifelong else {}  # plain: each turn alone
+        return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement, **turns)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
 
