@@ -219,6 +219,11 @@ def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, 
         assert result["after_post"] == report["methods"][method]["after_post"]
         assert [p["n_edits"] for p in result["curve"]] == [2, 3]
         assert "per_request_post" not in result and len(result["stability"]["condition_number"]) == 2
+        curve = result["stability_curve"]  # every diagnostic point, means over the edited matrices
+        assert [row["n_edits"] for row in curve] == [d["n_edits"] for d in report["methods"][method]["diagnostics"]]
+        assert curve[-1]["drift"] == pytest.approx(sum(result["stability"]["drift"]) / 2)
+    # lifelong with C0 reports how stale its bound C0 and earlier keys are on the edited model
+    assert "memory_staleness" in record["methods"]["horse_lifelong"]["stability_curve"][-1]
     assert (out / "curve.png").stat().st_size > 1000
     assert "orthogonality_error" in report["methods"]["mose"]["diagnostics"][-1]
     assert (out / "tb" / "mose").is_dir() and (out / "diagnostics.png").exists()
@@ -367,3 +372,41 @@ def test_lifelong_turns_refine_their_residuals_through_the_turn_solve(editor_dir
         assert float((shift - one_step).norm()) > 0.01 * float(one_step.norm())  # the refinement moved it
     with pytest.raises(ValueError, match="refinement target"):
         _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), refine=2, refine_target=0.0).check()
+
+
+def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recomputes_them(editor_dir, tiny_llama,
+                                                                                         tmp_path, monkeypatch):
+    """A turn's edit to layer 2 moves layer 3's keys: the lifelong diagnostics say how far the bound C0 and earlier
+    keys are from the edited model's, and ``refresh_every`` recomputes them there (the same rows capture solves for)."""
+    from horse_pl.editing.key_stats import key_second_moments, preservation_texts
+    from horse_pl.sequential.runner import build_editor
+
+    monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))
+    turns = None
+    for refresh in (0, 1):
+        model, tok = load_model(tiny_llama)
+        turns = turns or _turns(tok, n=2)
+        cfg = _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), lifelong_preserve=1e2,
+                      refresh_every=refresh)
+        horse = build_editor("horse_lifelong", model, cfg, [])
+        assert horse.diagnostics() == {"memory_staleness": [0.0, 0.0], "c0_staleness": [0.0, 0.0]}
+        horse.edit(turns[0])
+        diag = horse.diagnostics()
+        if not refresh:
+            # layer 2's input does not depend on layer 2's own weight; layer 3's does, through layer 2's output
+            assert diag["memory_staleness"][0] < 1e-6 and diag["c0_staleness"][0] < 1e-6
+            assert diag["memory_staleness"][1] > 1e-5 and diag["c0_staleness"][1] > 1e-5
+            continue
+        assert max(diag["memory_staleness"] + diag["c0_staleness"]) < 1e-6
+        # refreshed on the edited model: the earlier turn's keys as capture records them now, C0 of the same texts
+        keys = horse.editor.capture(model, horse.layers, turns[0]).keys
+        texts = preservation_texts(cfg.general_data)
+        for memory, k, c0, now in zip(horse.memory, keys, horse.c0, key_second_moments(model, tok, horse.layers,
+                                                                                          texts)):
+            assert torch.allclose(memory, k.double().T @ k.double(), rtol=1e-4, atol=1e-4 * float(memory.abs().max()))
+            assert torch.allclose(c0, now, rtol=1e-5, atol=1e-6)
+        assert horse.unrelated is horse.c0 or horse.unrelated is None
+        horse.edit(turns[1])  # the next solve binds the refreshed matrices
+        assert len(horse.turn_batches) == 2
+    with pytest.raises(ValueError, match="horse_lifelong method only"):
+        _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), refresh_every=2).check()

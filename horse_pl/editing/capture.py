@@ -36,7 +36,9 @@ class Capture:
 POSITIONS = ("answer", "all", "subject")
 
 
-def _record_mask(group: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
+def record_mask(group: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
+    """Where :func:`capture` records keys in a micro-batch (or row group): answer tokens, the subject's last token,
+    or every non-padding token."""
     if positions == "answer":
         return group["labels"] != IGNORE_INDEX
     if positions == "subject":
@@ -114,7 +116,7 @@ def capture(
         if positions == "subject":
             _check_subject_positions(mb)
         for group in row_groups(mb):
-            mask = _record_mask(group, positions)
+            mask = record_mask(group, positions)
             with torch.enable_grad(), _recording(modules, mask, dtype, keys, grads):
                 # MEND and subject keys record outside the answer, so the last MLP must run everywhere; the hooks
                 # record by the group's full mask, so a shared prefix is not split off here

@@ -52,10 +52,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _masked_second_moments(model: nn.Module, modules: Sequence[nn.Module],
-                           batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """``mean_t k_t k_t^T`` of each module's input over the positions ``t`` that ``positions`` marks, for batches
-    of (input_ids, attention_mask, positions) (fp32)."""
+def _masked_key_sums(model: nn.Module, modules: Sequence[nn.Module],
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     ) -> tuple[list[torch.Tensor], int]:
+    """``sum_t k_t k_t^T`` of each module's input over the positions ``t`` that ``positions`` marks, for batches
+    of (input_ids, attention_mask, positions) (fp64), and the number of positions summed."""
     sums: list[torch.Tensor | None] = [None] * len(modules)
     count, fired = 0, set()
     mask_now: list[torch.Tensor] = []
@@ -83,7 +84,27 @@ def _masked_second_moments(model: nn.Module, modules: Sequence[nn.Module],
     finally:
         for h in handles:
             h.remove()
+    return sums, count
+
+
+def _masked_second_moments(model: nn.Module, modules: Sequence[nn.Module],
+                           batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """``mean_t k_t k_t^T`` of each module's input over the positions ``t`` that ``positions`` marks, for batches
+    of (input_ids, attention_mask, positions) (fp32)."""
+    sums, count = _masked_key_sums(model, modules, batches)
     return [(s / count).float() for s in sums]
+
+
+def edit_key_sums(model: nn.Module, modules: Sequence[nn.Module], micro_batches: Sequence[dict[str, torch.Tensor]],
+                  positions: str) -> list[torch.Tensor]:
+    """``sum K^T K`` (fp64) of each module's update keys on edit prompts, as the model is now: the rows an editor
+    that captures at ``positions`` (``answer``, ``subject`` or ``all``, :func:`horse_pl.editing.capture.capture`)
+    solves for, from one forward pass without gradients. A lifelong editor's memory of earlier turns' keys."""
+    from horse_pl.editing.capture import record_mask
+
+    sums, _ = _masked_key_sums(model, modules, ((mb["input_ids"], mb["attention_mask"], record_mask(mb, positions))
+                                                for mb in micro_batches))
+    return sums
 
 
 def key_second_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module], texts: Sequence[str],

@@ -14,13 +14,14 @@ effective weight of each edited module in (d_out, d_in) layout, fp32, for the st
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from horse_pl.edit_modules import get_modules, weight_in_out
 from horse_pl.editing.editor import Refinement
+from horse_pl.editing.key_stats import edit_key_sums
 from horse_pl.editing.shifts import merge, shift_hook
 from horse_pl.lm import answer_ce
 
@@ -180,20 +181,32 @@ class HorseTurnEditor:
     (:meth:`horse_pl.editing.editor.Editor.refine`), so a lifelong turn's refined shifts still keep the earlier
     turns' keys; its ``preserve`` charges the output change on unrelated text's keys (``key_moments``).
 
+    Edits to a lower edit module move the keys of every module above it, so ``C0`` and the earlier turns' ``K^T K``
+    go stale as turns accumulate. With ``moments_now`` (``C0`` recomputed on the model as it is) the lifelong
+    diagnostics report how far: ``c0_staleness`` and ``memory_staleness``, ``||M_now - M_bound||_F / ||M_bound||_F``
+    per module; ``refresh_every`` = R recomputes both on the current model every R turns, so a turn's solve keeps
+    the outputs the edited model has now (on unrelated text and on every earlier edit prompt).
+
     Args:
         key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0 or the refinement's ``preserve`` > 0).
         keep_edits: ``nu``, weight of the earlier turns' keys (0: forget them).
         preserve: ``mu``; None keeps the editor's own preservation weight (and its ``C0``).
         refinement: refine each turn's residuals (default none: the hypernetwork's one step).
+        moments_now: computes ``C0`` of the edit modules on the model as it is now (lifelong diagnostics, refresh).
+        refresh_every: lifelong: recompute ``C0`` and the earlier turns' keys on the current model every this many
+            turns (0: never; they stay as computed on the model of their own turn).
     """
 
     name = "horse"
 
     def __init__(self, model: nn.Module, editor: nn.Module, edit_modules: Sequence[str], keep_edits: float = 0.0,
                  preserve: float | None = None, key_moments: Sequence[torch.Tensor] | None = None,
-                 refinement: Refinement | None = None):
+                 refinement: Refinement | None = None,
+                 moments_now: Callable[[], Sequence[torch.Tensor]] | None = None, refresh_every: int = 0):
         if keep_edits < 0 or (preserve is not None and preserve < 0):
             raise ValueError(f"keep_edits ({keep_edits}) and preserve ({preserve}) must be at least 0.")
+        if refresh_every < 0:
+            raise ValueError(f"refresh_every ({refresh_every}) must be at least 0 (0: never refresh).")
         if refinement and refinement.preserve and key_moments is None:
             raise ValueError(f"A refinement with preserve={refinement.preserve} needs the edit modules' key moments "
                              "(horse_pl.editing.key_stats.cached_key_moments).")
@@ -209,9 +222,14 @@ class HorseTurnEditor:
         if self.lifelong and own is None:
             raise ValueError(f"Lifelong editing needs an editor with a closed-form solve; '{editor.update.name}' "
                              "(MEND's outer product) has none: use a HORSE or MALMEN editor.")
+        if refresh_every and not (self.lifelong and moments_now is not None):
+            raise ValueError(f"refresh_every={refresh_every} refreshes a lifelong solve's C0 and earlier keys: it "
+                             "needs keep_edits > 0 or preserve, and moments_now.")
         self.keep_edits = keep_edits
         self.preserve = own if preserve is None else preserve
+        self.moments_now, self.refresh_every = moments_now, refresh_every
         self.memory: list[torch.Tensor] = []
+        self.turn_batches: list[Sequence[dict]] = []  # every lifelong turn's edit prompts, to recompute their keys
         if self.lifelong:
             if self.preserve and key_moments is None:
                 raise ValueError(f"Lifelong HORSE with preserve={self.preserve} needs the edit modules' key moments "
@@ -245,14 +263,50 @@ class HorseTurnEditor:
         for memory, keys in zip(self.memory, state.update_keys):
             keys = keys.detach().to(memory.device, torch.float64)
             memory += keys.T @ keys
+        if self.lifelong:
+            self.turn_batches.append(micro_batches)
+            if self.refresh_every and len(self.turn_batches) % self.refresh_every == 0:
+                self.refresh()
         return [cap.loss]
+
+    def _moments_now(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """``C0`` (None without a C0 term) and the earlier turns' ``sum K^T K``, recomputed on the current model."""
+        c0 = None
+        if self.c0 is not None:
+            c0 = [m.float().to(w.device) for m, w in zip(self.moments_now(), self.original)]
+        memory = [torch.zeros_like(m) for m in self.memory]
+        for micro_batches in self.turn_batches:
+            sums = edit_key_sums(self.model, self.layers, micro_batches, self.editor.positions)
+            for total, turn_sums in zip(memory, sums):
+                total += turn_sums.to(total.device)
+        return c0, memory
+
+    def refresh(self) -> None:
+        """Recompute ``C0`` and the earlier turns' keys on the model as it is now: later solves keep its outputs."""
+        c0, self.memory = self._moments_now()
+        if c0 is not None:
+            self.c0 = c0
+            if self.unrelated is not None:
+                self.unrelated = c0
 
     @torch.no_grad()
     def weights(self) -> list[torch.Tensor]:
         return [weight_in_out(m).detach().T.float().clone() for m in self.layers]
 
     def diagnostics(self) -> dict[str, list[float]]:
-        return {}
+        """Lifelong with ``moments_now``: how stale the bound ``C0`` and earlier-turn keys are on the current model."""
+        if not (self.lifelong and self.moments_now is not None):
+            return {}
+
+        def staleness(now: Sequence[torch.Tensor], bound: Sequence[torch.Tensor]) -> list[float]:
+            return [float(torch.linalg.matrix_norm(n.double() - b.double()) / torch.linalg.matrix_norm(b.double()))
+                    if float(torch.linalg.matrix_norm(b.double())) > 0 else 0.0 for n, b in zip(now, bound)]
+
+        c0, memory = self._moments_now()
+        out = {"memory_staleness": staleness(memory, self.memory)}
+        if c0 is not None:
+            out["c0_staleness"] = staleness(c0, self.c0)
+        return out
 
 
 @torch.no_grad()

@@ -72,6 +72,8 @@ class SequentialConfig:
                                         "pulling the residuals")
     refine_preserve: float = _option(0.0, "horse, horse_lifelong: weight of the mean squared output change on "
                                           "unrelated text's keys (C0) in the refined loss")
+    refresh_every: int = _option(0, "horse_lifelong: recompute C0 and the earlier turns' keys on the edited model "
+                                    "every N turns, so later solves keep the outputs it has now (0: never)")
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
                                   "(0: only at the end)")
     seed: int = _option(0, "random seed")
@@ -97,6 +99,9 @@ class SequentialConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
+        if self.refresh_every < 0 or (self.refresh_every and "horse_lifelong" not in self.methods):
+            raise ValueError(f"--refresh-every {self.refresh_every} must be 0 or a number of turns, and applies to "
+                             "the horse_lifelong method only; add it to --methods or drop the option.")
         needing = [m for m in self.methods if m.startswith("horse")]
         if needing and not self.editor:
             raise EditorLoadError(f"The '{needing[0]}' sequential method needs --editor (a folder from "
@@ -109,7 +114,13 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
     if method in ("horse", "horse_lifelong"):
-        from horse_pl.editing.key_stats import bind_preservation, cached_key_moments
+        from horse_pl.edit_modules import get_modules
+        from horse_pl.editing.key_stats import (
+            bind_preservation,
+            cached_key_moments,
+            key_second_moments,
+            preservation_texts,
+        )
         from horse_pl.export import EditorLoadError, load_editor
         from horse_pl.models import load_tokenizer, model_fingerprint
 
@@ -133,9 +144,15 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         refinement = cfg.refinement
         lifelong = method == "horse_lifelong"
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
-        moments = (cached_key_moments(model, load_tokenizer(cfg.model), config.edit_modules, general_data)
+        tokenizer = load_tokenizer(cfg.model)
+        moments = (cached_key_moments(model, tokenizer, config.edit_modules, general_data)
                    if (lifelong and preserve) or (refinement and refinement.preserve) else None)
-        turns = {"keep_edits": cfg.keep_edits, "preserve": preserve} if lifelong else {}  # plain: each turn alone
+        def moments_now():  # C0 on the model as it is now (a lifelong turn's refresh and staleness diagnostics)
+            return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules),
+                                      preservation_texts(general_data))
+
+        turns = ({"keep_edits": cfg.keep_edits, "preserve": preserve, "refresh_every": cfg.refresh_every,
+                  "moments_now": moments_now} if lifelong else {})  # plain: each turn alone
         return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement, **turns)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
@@ -304,7 +321,8 @@ RECORD_KEYS = ("post", "after_post", "retention", "general_after", "sequence_sec
 
 def result_record(report: dict, name: str, command: str, recipe: str | None = None) -> dict:
     """A small result record of a sequential run (the report without its per-request rows): the summaries,
-    retention, the after-post curve, timing, and the last stability diagnostics of every method."""
+    retention, the after-post curve, timing, the last stability diagnostics of every method and their means at
+    every diagnostic point."""
     from horse_pl.records import provenance
 
     cfg = report["config"]
@@ -316,6 +334,9 @@ def result_record(report: dict, name: str, command: str, recipe: str | None = No
         methods[method] = {k: result[k] for k in RECORD_KEYS if k in result}
         last = result["diagnostics"][-1]
         methods[method]["stability"] = {k: v for k, v in last.items() if k != "n_edits"}
+        # every diagnostic point, as the mean over the edited matrices (drift, staleness of a lifelong solve's keys)
+        methods[method]["stability_curve"] = [{k: (v if k == "n_edits" else sum(v) / len(v)) for k, v in row.items()}
+                                              for row in result["diagnostics"]]
     return {**provenance(command), "kind": "sequential", "name": name, "recipe": recipe,
             "protocol": f"{report['n_requests']} requests of {split}, {cfg['turn_size']} per turn, never restored; "
                         "after-post = every request on the final model",
