@@ -107,6 +107,10 @@ def test_key_moments_equal_a_plain_computation_and_are_cached(tiny_llama, tmp_pa
     assert len(list((tmp_path / "key_stats").glob("*.safetensors"))) == 1
     again = cached_key_moments(model, tokenizer, names, n_texts=6)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # the same base model in bf16 (same fingerprint) gets its own moments, not the fp32 model's
+    in_bf16 = cached_key_moments(model.to(torch.bfloat16), tokenizer, names, n_texts=6)
+    assert len(list((tmp_path / "key_stats").glob("*.safetensors"))) == 2
+    assert not all(torch.equal(a, b) for a, b in zip(first, in_bf16))
 
 
 def test_preserving_editor_trains_exports_and_edits(tiny_llama, tmp_path, monkeypatch):
