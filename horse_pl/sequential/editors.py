@@ -299,8 +299,11 @@ class HorseTurnEditor:
             return {}
 
         def staleness(now: Sequence[torch.Tensor], bound: Sequence[torch.Tensor]) -> list[float]:
-            return [float(torch.linalg.matrix_norm(n.double() - b.double()) / torch.linalg.matrix_norm(b.double()))
-                    if float(torch.linalg.matrix_norm(b.double())) > 0 else 0.0 for n, b in zip(now, bound)]
+            out = []
+            for n, b in zip(now, bound):
+                norm = float(torch.linalg.matrix_norm(b.double()))
+                out.append(float(torch.linalg.matrix_norm(n.double() - b.double())) / norm if norm > 0 else 0.0)
+            return out
 
         c0, memory = self._moments_now()
         out = {"memory_staleness": staleness(memory, self.memory)}

@@ -8,6 +8,7 @@ Results: ``sequential_report.json``, ``diagnostics.png`` and TensorBoard logs un
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -129,6 +130,7 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
             raise EditorLoadError(f"The editor '{cfg.editor}' was trained on '{config.base_model}', not on "
                                   f"'{cfg.model}'; pass the editor's base model with --model.")
         general_data = cfg.general_data or DEFAULT_GENERAL_DATA
+        tokenizer = load_tokenizer(cfg.model)
         editor = editor.to(cfg.device)
         if cfg.preserve_facts is not None:
             if not hasattr(editor.update, "preserve_facts"):
@@ -139,17 +141,19 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         if update.needs_key_moments or update.needs_fact_moments:
             # an editor with a preservation term needs its key moments on the unedited model (lifelong turns rebind
             # C0 with their own weight, the facts' F stays)
-            bind_preservation(editor, model, load_tokenizer(cfg.model), config.edit_modules, general_data,
+            bind_preservation(editor, model, tokenizer, config.edit_modules, general_data,
                               cfg.preserve_facts_data or config.training.get("preserve_facts_data"))
         refinement = cfg.refinement
         lifelong = method == "horse_lifelong"
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
-        tokenizer = load_tokenizer(cfg.model)
         moments = (cached_key_moments(model, tokenizer, config.edit_modules, general_data)
                    if (lifelong and preserve) or (refinement and refinement.preserve) else None)
+        @functools.cache
+        def texts():  # read once, on the first refresh or diagnostic that needs them
+            return preservation_texts(general_data)
+
         def moments_now():  # C0 on the model as it is now (a lifelong turn's refresh and staleness diagnostics)
-            return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules),
-                                      preservation_texts(general_data))
+            return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules), texts())
 
         turns = ({"keep_edits": cfg.keep_edits, "preserve": preserve, "refresh_every": cfg.refresh_every,
                   "moments_now": moments_now} if lifelong else {})  # plain: each turn alone
