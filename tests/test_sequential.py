@@ -389,13 +389,34 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
         cfg = _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), lifelong_preserve=1e2,
                       refresh_every=refresh)
         horse = build_editor("horse_lifelong", model, cfg, [])
-        assert horse.diagnostics() == {"memory_staleness": [0.0, 0.0], "c0_staleness": [0.0, 0.0]}
+        assert horse.diagnostics() == {"memory_staleness": [0.0, 0.0], "c0_staleness": [0.0, 0.0],
+                                       "drift_energy_c0": [0.0, 0.0], "drift_energy_heldout": [0.0, 0.0]}
         horse.edit(turns[0])
         diag = horse.diagnostics()
         if not refresh:
             # layer 2's input does not depend on layer 2's own weight; layer 3's does, through layer 2's output
             assert diag["memory_staleness"][0] < 1e-6 and diag["c0_staleness"][0] < 1e-6
             assert diag["memory_staleness"][1] > 1e-5 and diag["c0_staleness"][1] > 1e-5
+            # the held-out drift energy is each module's mean ||(W - W0) k||^2 over the perplexity sample's tokens
+            ppl_texts = general.perplexity_texts(cfg.general_data)
+            inputs: list[list[torch.Tensor]] = [[], []]
+            hooks = [m.register_forward_hook(lambda mod, args, out, i=i: inputs[i].append(args[0].detach()))
+                     for i, m in enumerate(horse.layers)]
+            masks = []
+            for start in range(0, len(ppl_texts), 16):
+                enc = tok(ppl_texts[start:start + 16], return_tensors="pt", padding=True, truncation=True,
+                          max_length=128)
+                masks.append(enc["attention_mask"].bool())
+                with torch.no_grad():
+                    model(**enc)
+            for h in hooks:
+                h.remove()
+            for i, (w, w0) in enumerate(zip(horse.weights(), horse.original)):
+                k = torch.cat([x[m] for x, m in zip(inputs[i], masks)]).double()
+                expected = float(((k @ (w - w0).double().T) ** 2).sum(-1).mean())
+                assert expected > 0
+                assert diag["drift_energy_heldout"][i] == pytest.approx(expected, rel=1e-4)
+                assert diag["drift_energy_c0"][i] > 0
             continue
         assert max(diag["memory_staleness"] + diag["c0_staleness"]) < 1e-6
         # refreshed on the edited model: the earlier turn's keys as capture records them now, C0 of the same texts

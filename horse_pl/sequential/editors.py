@@ -185,7 +185,11 @@ class HorseTurnEditor:
     go stale as turns accumulate. With ``moments_now`` (``C0`` recomputed on the model as it is) the lifelong
     diagnostics report how far: ``c0_staleness`` and ``memory_staleness``, ``||M_now - M_bound||_F / ||M_bound||_F``
     per module; ``refresh_every`` = R recomputes both on the current model every R turns, so a turn's solve keeps
-    the outputs the edited model has now (on unrelated text and on every earlier edit prompt).
+    the outputs the edited model has now (on unrelated text and on every earlier edit prompt). With
+    ``heldout_moments_now`` (the key moments of held-out text, e.g. the perplexity sample) they also report how much
+    each module's total shift ``D = W - W0`` changes its outputs, per token: ``drift_energy_c0`` =
+    ``tr(D C0 D^T)`` (what the solve's ``C0`` term sees) and ``drift_energy_heldout`` = ``tr(D C_heldout D^T)``;
+    held-out energy far above ``C0``'s means the shifts sit in directions ``C0`` under-samples.
 
     Args:
         key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0 or the refinement's ``preserve`` > 0).
@@ -195,6 +199,8 @@ class HorseTurnEditor:
         moments_now: computes ``C0`` of the edit modules on the model as it is now (lifelong diagnostics, refresh).
         refresh_every: lifelong: recompute ``C0`` and the earlier turns' keys on the current model every this many
             turns (0: never; they stay as computed on the model of their own turn).
+        heldout_moments_now: computes the edit modules' key moments on held-out text on the model as it is now
+            (the drift-energy diagnostics; needs ``moments_now``).
     """
 
     name = "horse"
@@ -202,7 +208,8 @@ class HorseTurnEditor:
     def __init__(self, model: nn.Module, editor: nn.Module, edit_modules: Sequence[str], keep_edits: float = 0.0,
                  preserve: float | None = None, key_moments: Sequence[torch.Tensor] | None = None,
                  refinement: Refinement | None = None,
-                 moments_now: Callable[[], Sequence[torch.Tensor]] | None = None, refresh_every: int = 0):
+                 moments_now: Callable[[], Sequence[torch.Tensor]] | None = None, refresh_every: int = 0,
+                 heldout_moments_now: Callable[[], Sequence[torch.Tensor]] | None = None):
         if keep_edits < 0 or (preserve is not None and preserve < 0):
             raise ValueError(f"keep_edits ({keep_edits}) and preserve ({preserve}) must be at least 0.")
         if refresh_every < 0:
@@ -228,6 +235,7 @@ class HorseTurnEditor:
         self.keep_edits = keep_edits
         self.preserve = own if preserve is None else preserve
         self.moments_now, self.refresh_every = moments_now, refresh_every
+        self.heldout_moments_now = heldout_moments_now
         self.memory: list[torch.Tensor] = []
         self.turn_batches: list[Sequence[dict]] = []  # every lifelong turn's edit prompts, to recompute their keys
         if self.lifelong:
@@ -309,7 +317,20 @@ class HorseTurnEditor:
         out = {"memory_staleness": staleness(memory, self.memory)}
         if c0 is not None:
             out["c0_staleness"] = staleness(c0, self.c0)
+        if self.heldout_moments_now is not None:
+            drifts = [w - w0 for w, w0 in zip(self.weights(), self.original)]  # (d_out, d_in) each
+            c0 = c0 if c0 is not None else [m.float() for m in self.moments_now()]
+            heldout = [m.float() for m in self.heldout_moments_now()]
+            out["drift_energy_c0"] = output_change_energy(drifts, c0)
+            out["drift_energy_heldout"] = output_change_energy(drifts, heldout)
         return out
+
+
+@torch.no_grad()
+def output_change_energy(shifts: Sequence[torch.Tensor], moments: Sequence[torch.Tensor]) -> list[float]:
+    """Per module, the mean squared output change ``tr(D C D^T) = mean_t ||D k_t||^2`` that a weight shift ``D``
+    (d_out, d_in) makes on keys with second moment ``C`` (d_in, d_in)."""
+    return [float(((d.double() @ c.to(d.device).double()) * d.double()).sum()) for d, c in zip(shifts, moments)]
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
 from horse_pl.models import load_model
 from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
-from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck
+from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck, perplexity_texts
 
 log = logging.getLogger(__name__)
 METHODS = ("mose", "ft", "horse", "horse_lifelong")
@@ -155,8 +155,13 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         def moments_now():  # C0 on the model as it is now (a lifelong turn's refresh and staleness diagnostics)
             return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules), texts())
 
+        def heldout_moments_now():  # the perplexity sample's key moments (drift-energy diagnostics)
+            return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules),
+                                      perplexity_texts(general_data))
+
         turns = ({"keep_edits": cfg.keep_edits, "preserve": preserve, "refresh_every": cfg.refresh_every,
-                  "moments_now": moments_now} if lifelong else {})  # plain: each turn alone
+                  "moments_now": moments_now, "heldout_moments_now": heldout_moments_now}
+                 if lifelong else {})  # plain: each turn alone
         return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement, **turns)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
