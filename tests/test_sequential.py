@@ -413,7 +413,8 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
                 h.remove()
             for i, (w, w0) in enumerate(zip(horse.weights(), horse.original)):
                 k = torch.cat([x[m] for x, m in zip(inputs[i], masks)]).double()
-                expected = float(((k @ (w - w0).double().T) ** 2).sum(-1).mean())
+                expected = float(((k @ (w - w0).double().T) ** 2).sum(-1).mean()
+                                 / ((k @ w0.double().T) ** 2).sum(-1).mean())
                 assert expected > 0
                 assert diag["drift_energy_heldout"][i] == pytest.approx(expected, rel=1e-4)
                 assert diag["drift_energy_c0"][i] > 0

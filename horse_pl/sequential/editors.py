@@ -187,9 +187,10 @@ class HorseTurnEditor:
     per module; ``refresh_every`` = R recomputes both on the current model every R turns, so a turn's solve keeps
     the outputs the edited model has now (on unrelated text and on every earlier edit prompt). With
     ``heldout_moments_now`` (the key moments of held-out text, e.g. the perplexity sample) they also report how much
-    each module's total shift ``D = W - W0`` changes its outputs, per token: ``drift_energy_c0`` =
-    ``tr(D C0 D^T)`` (what the solve's ``C0`` term sees) and ``drift_energy_heldout`` = ``tr(D C_heldout D^T)``;
-    held-out energy far above ``C0``'s means the shifts sit in directions ``C0`` under-samples.
+    each module's total shift ``D = W - W0`` changes its outputs, per token, relative to the unedited outputs:
+    ``drift_energy_c0`` = ``tr(D C0 D^T) / tr(W0 C0 W0^T)`` (what the solve's ``C0`` term sees) and
+    ``drift_energy_heldout``, the same on the held-out keys; held-out energy far above ``C0``'s means the shifts
+    sit in directions ``C0`` under-samples.
 
     Args:
         key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0 or the refinement's ``preserve`` > 0).
@@ -321,8 +322,9 @@ class HorseTurnEditor:
             drifts = [w - w0 for w, w0 in zip(self.weights(), self.original)]  # (d_out, d_in) each
             c0 = c0 if c0 is not None else [m.float() for m in self.moments_now()]
             heldout = [m.float() for m in self.heldout_moments_now()]
-            out["drift_energy_c0"] = output_change_energy(drifts, c0)
-            out["drift_energy_heldout"] = output_change_energy(drifts, heldout)
+            for name, moments in (("drift_energy_c0", c0), ("drift_energy_heldout", heldout)):
+                out[name] = [e / e0 for e, e0 in zip(output_change_energy(drifts, moments),
+                                                     output_change_energy(self.original, moments))]
         return out
 
 
