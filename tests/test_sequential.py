@@ -383,16 +383,19 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
 
     monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))
     turns = None
-    for refresh in (0, 1):
+    for refresh, refresh_c0 in ((0, None), (1, 0), (1, None)):
         model, tok = load_model(tiny_llama)
         turns = turns or _turns(tok, n=2)
         cfg = _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), lifelong_preserve=1e2,
-                      refresh_every=refresh)
+                      refresh_every=refresh, refresh_c0_every=refresh_c0)
         horse = build_editor("horse_lifelong", model, cfg, [])
         assert horse.diagnostics() == {"memory_staleness": [0.0, 0.0], "c0_staleness": [0.0, 0.0],
                                        "drift_energy_c0": [0.0, 0.0], "drift_energy_heldout": [0.0, 0.0]}
         horse.edit(turns[0])
         diag = horse.diagnostics()
+        if refresh_c0 == 0:  # the keys refreshed every turn, C0 never
+            assert max(diag["memory_staleness"]) < 1e-6 and diag["c0_staleness"][1] > 1e-5
+            continue
         if not refresh:
             # layer 2's input does not depend on layer 2's own weight; layer 3's does, through layer 2's output
             assert diag["memory_staleness"][0] < 1e-6 and diag["c0_staleness"][0] < 1e-6
@@ -432,3 +435,5 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
         assert len(horse.turn_batches) == 2
     with pytest.raises(ValueError, match="horse_lifelong method only"):
         _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), refresh_every=2).check()
+    with pytest.raises(ValueError, match="--refresh-c0-every -1 must be 0 or a number"):
+        _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), refresh_c0_every=-1).check()

@@ -200,6 +200,8 @@ class HorseTurnEditor:
         moments_now: computes ``C0`` of the edit modules on the model as it is now (lifelong diagnostics, refresh).
         refresh_every: lifelong: recompute ``C0`` and the earlier turns' keys on the current model every this many
             turns (0: never; they stay as computed on the model of their own turn).
+        refresh_c0_every: recompute ``C0`` every this many turns instead (None: with the keys, every
+            ``refresh_every`` turns; 0: never). ``C0`` moves slowly and costs a pass over the preservation texts.
         heldout_moments_now: computes the edit modules' key moments on held-out text on the model as it is now
             (the drift-energy diagnostics; needs ``moments_now``).
     """
@@ -210,11 +212,14 @@ class HorseTurnEditor:
                  preserve: float | None = None, key_moments: Sequence[torch.Tensor] | None = None,
                  refinement: Refinement | None = None,
                  moments_now: Callable[[], Sequence[torch.Tensor]] | None = None, refresh_every: int = 0,
-                 heldout_moments_now: Callable[[], Sequence[torch.Tensor]] | None = None):
+                 heldout_moments_now: Callable[[], Sequence[torch.Tensor]] | None = None,
+                 refresh_c0_every: int | None = None):
         if keep_edits < 0 or (preserve is not None and preserve < 0):
             raise ValueError(f"keep_edits ({keep_edits}) and preserve ({preserve}) must be at least 0.")
-        if refresh_every < 0:
-            raise ValueError(f"refresh_every ({refresh_every}) must be at least 0 (0: never refresh).")
+        if refresh_every < 0 or (refresh_c0_every is not None and refresh_c0_every < 0):
+            raise ValueError(f"refresh_every ({refresh_every}) and refresh_c0_every ({refresh_c0_every}) must be at "
+                             "least 0 (0: never refresh).")
+        refresh_c0_every = refresh_every if refresh_c0_every is None else refresh_c0_every
         if refinement and refinement.preserve and key_moments is None:
             raise ValueError(f"A refinement with preserve={refinement.preserve} needs the edit modules' key moments "
                              "(horse_pl.editing.key_stats.cached_key_moments).")
@@ -230,12 +235,12 @@ class HorseTurnEditor:
         if self.lifelong and own is None:
             raise ValueError(f"Lifelong editing needs an editor with a closed-form solve; '{editor.update.name}' "
                              "(MEND's outer product) has none: use a HORSE or MALMEN editor.")
-        if refresh_every and not (self.lifelong and moments_now is not None):
+        if (refresh_every or refresh_c0_every) and not (self.lifelong and moments_now is not None):
             raise ValueError(f"refresh_every={refresh_every} refreshes a lifelong solve's C0 and earlier keys: it "
                              "needs keep_edits > 0 or preserve, and moments_now.")
         self.keep_edits = keep_edits
         self.preserve = own if preserve is None else preserve
-        self.moments_now, self.refresh_every = moments_now, refresh_every
+        self.moments_now, self.refresh_every, self.refresh_c0_every = moments_now, refresh_every, refresh_c0_every
         self.heldout_moments_now = heldout_moments_now
         self.memory: list[torch.Tensor] = []
         self.turn_batches: list[Sequence[dict]] = []  # every lifelong turn's edit prompts, to recompute their keys
@@ -274,15 +279,21 @@ class HorseTurnEditor:
             memory += keys.T @ keys
         if self.lifelong:
             self.turn_batches.append(micro_batches)
-            if self.refresh_every and len(self.turn_batches) % self.refresh_every == 0:
-                self.refresh()
+            turns = len(self.turn_batches)
+            keys = bool(self.refresh_every) and turns % self.refresh_every == 0
+            c0 = bool(self.refresh_c0_every) and turns % self.refresh_c0_every == 0
+            if keys or c0:
+                self.refresh(keys=keys, c0=c0)
         return [cap.loss]
 
-    def _moments_now(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
-        """``C0`` (None without a C0 term) and the earlier turns' ``sum K^T K``, recomputed on the current model."""
-        c0 = None
-        if self.c0 is not None:
-            c0 = [m.float().to(w.device) for m, w in zip(self.moments_now(), self.original)]
+    def _moments_now(self, keys: bool = True, c0: bool = True,
+                     ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """``C0`` (None without a C0 term or if not asked) and the earlier turns' ``sum K^T K`` (None if not asked),
+        recomputed on the current model."""
+        c0 = ([m.float().to(w.device) for m, w in zip(self.moments_now(), self.original)]
+              if c0 and self.c0 is not None else None)
+        if not keys:
+            return c0, None
         memory = [torch.zeros_like(m) for m in self.memory]
         for micro_batches in self.turn_batches:
             sums = edit_key_sums(self.model, self.layers, micro_batches, self.editor.positions)
@@ -290,9 +301,11 @@ class HorseTurnEditor:
                 total += turn_sums.to(total.device)
         return c0, memory
 
-    def refresh(self) -> None:
-        """Recompute ``C0`` and the earlier turns' keys on the model as it is now: later solves keep its outputs."""
-        c0, self.memory = self._moments_now()
+    def refresh(self, keys: bool = True, c0: bool = True) -> None:
+        """Recompute the earlier turns' keys and ``C0`` on the model as it is now: later solves keep its outputs."""
+        c0, memory = self._moments_now(keys, c0)
+        if memory is not None:
+            self.memory = memory
         if c0 is not None:
             self.c0 = c0
             if self.unrelated is not None:

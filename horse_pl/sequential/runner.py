@@ -75,6 +75,9 @@ class SequentialConfig:
                                           "unrelated text's keys (C0) in the refined loss")
     refresh_every: int = _option(0, "horse_lifelong: recompute C0 and the earlier turns' keys on the edited model "
                                     "every N turns, so later solves keep the outputs it has now (0: never)")
+    refresh_c0_every: int | None = _option(None, "horse_lifelong: recompute C0 every N turns instead (default: with "
+                                                 "the keys, every --refresh-every turns; 0: never); C0 moves slowly "
+                                                 "and costs a pass over the preservation texts")
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
                                   "(0: only at the end)")
     seed: int = _option(0, "random seed")
@@ -100,9 +103,10 @@ class SequentialConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
-        if self.refresh_every < 0 or (self.refresh_every and "horse_lifelong" not in self.methods):
-            raise ValueError(f"--refresh-every {self.refresh_every} must be 0 or a number of turns, and applies to "
-                             "the horse_lifelong method only; add it to --methods or drop the option.")
+        for option, value in (("--refresh-every", self.refresh_every), ("--refresh-c0-every", self.refresh_c0_every)):
+            if value is not None and (value < 0 or (value and "horse_lifelong" not in self.methods)):
+                raise ValueError(f"{option} {value} must be 0 or a number of turns, and applies to the "
+                                 "horse_lifelong method only; add it to --methods or drop the option.")
         needing = [m for m in self.methods if m.startswith("horse")]
         if needing and not self.editor:
             raise EditorLoadError(f"The '{needing[0]}' sequential method needs --editor (a folder from "
@@ -160,6 +164,7 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
                                       perplexity_texts(general_data))
 
         turns = ({"keep_edits": cfg.keep_edits, "preserve": preserve, "refresh_every": cfg.refresh_every,
+                  "refresh_c0_every": cfg.refresh_c0_every,
                   "moments_now": moments_now, "heldout_moments_now": heldout_moments_now}
                  if lifelong else {})  # plain: each turn alone
         return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement, **turns)
