@@ -403,8 +403,8 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
             # the held-out drift energy is each module's mean ||(W - W0) k||^2 over the perplexity sample's tokens
             ppl_texts = general.perplexity_texts(cfg.general_data)
             inputs: list[list[torch.Tensor]] = [[], []]
-            hooks = [m.register_forward_hook(lambda mod, args, out, i=i: inputs[i].append(args[0].detach()))
-                     for i, m in enumerate(horse.layers)]
+            hooks = [m.register_forward_hook(lambda mod, args, out, into=into: into.append(args[0].detach()))
+                     for into, m in zip(inputs, horse.layers)]
             masks = []
             for start in range(0, len(ppl_texts), 16):
                 enc = tok(ppl_texts[start:start + 16], return_tensors="pt", padding=True, truncation=True,
