@@ -65,7 +65,7 @@ def _masked_key_sums(model: nn.Module, modules: Sequence[nn.Module],
     def make_hook(i: int):
         def hook(module, inputs, output):
             keys = inputs[0][mask_now[0]].float()
-            batch_sum = (keys.T @ keys).double()  # fp32 product per batch (4x faster than fp64), fp64 running sum
+            batch_sum = (keys.T @ keys).double()  # each batch's product in fp32, the running sum in fp64
             sums[i] = batch_sum if sums[i] is None else sums[i] + batch_sum
             fired.add(i)
             if len(fired) == len(modules):  # every edit module has its keys: skip the layers above

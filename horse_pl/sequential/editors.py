@@ -236,8 +236,9 @@ class HorseTurnEditor:
             raise ValueError(f"Lifelong editing needs an editor with a closed-form solve; '{editor.update.name}' "
                              "(MEND's outer product) has none: use a HORSE or MALMEN editor.")
         if (refresh_every or refresh_c0_every) and not (self.lifelong and moments_now is not None):
-            raise ValueError(f"refresh_every={refresh_every} refreshes a lifelong solve's C0 and earlier keys: it "
-                             "needs keep_edits > 0 or preserve, and moments_now.")
+            raise ValueError(f"refresh_every={refresh_every} and refresh_c0_every={refresh_c0_every} refresh a "
+                             "lifelong solve's earlier keys and C0: they need keep_edits > 0 or preserve, and "
+                             "moments_now.")
         self.keep_edits = keep_edits
         self.preserve = own if preserve is None else preserve
         self.moments_now, self.refresh_every, self.refresh_c0_every = moments_now, refresh_every, refresh_c0_every
