@@ -152,16 +152,15 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
         preserve = cfg.lifelong_preserve if cfg.lifelong_preserve is not None else getattr(editor.update, "preserve", 0)
         moments = (cached_key_moments(model, tokenizer, config.edit_modules, general_data)
                    if (lifelong and preserve) or (refinement and refinement.preserve) else None)
-        @functools.cache
-        def texts():  # read once, on the first refresh or diagnostic that needs them
-            return preservation_texts(general_data)
+        modules = get_modules(model, config.edit_modules)
+        preservation = functools.cache(lambda: preservation_texts(general_data))  # read once, when first needed
+        heldout = functools.cache(lambda: perplexity_texts(general_data))
 
         def moments_now():  # C0 on the model as it is now (a lifelong turn's refresh and staleness diagnostics)
-            return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules), texts())
+            return key_second_moments(model, tokenizer, modules, preservation())
 
         def heldout_moments_now():  # the perplexity sample's key moments (drift-energy diagnostics)
-            return key_second_moments(model, tokenizer, get_modules(model, config.edit_modules),
-                                      perplexity_texts(general_data))
+            return key_second_moments(model, tokenizer, modules, heldout())
 
         turns = ({"keep_edits": cfg.keep_edits, "preserve": preserve, "refresh_every": cfg.refresh_every,
                   "refresh_c0_every": cfg.refresh_c0_every,
