@@ -119,3 +119,26 @@ def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_
                           unrelated_moments=moments)
     for got, want in zip(named.param_shifts, held.param_shifts):
         torch.testing.assert_close(got, want)
+
+
+def test_the_anchored_refinement_charges_the_shifts_the_model_already_carries(tiny_llama):
+    """``applied_shifts`` A: the charge becomes tr((A + dW)^T C0 (A + dW)), so with a large weight the refined turn
+    leaves a smaller total output change on unrelated keys than one charged for its own dW only."""
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
+    moments = [torch.eye(m.weight.shape[1]) + 0.1 * torch.ones(m.weight.shape[1], m.weight.shape[1]) for m in modules]
+    editor.bind_key_moments(moments)
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+    generator = torch.Generator().manual_seed(0)
+    carried = [0.5 * s.norm() / s.numel() ** 0.5 * torch.randn(s.shape, generator=generator)
+               for s in state.param_shifts]  # an earlier turn's shifts, about as large as this turn's per entry
+
+    def total_change(shifts) -> float:
+        return sum(float(torch.trace((a + s).T @ c0 @ (a + s))) for a, s, c0 in zip(carried, shifts, moments))
+    settings = Refinement(steps=5, lr=0.5, preserve=1e6)
+    with applied(modules, carried):
+        own = editor.refine(model, modules, micro_batches, state, settings)
+        anchored = editor.refine(model, modules, micro_batches, state, settings, applied_shifts=carried)
+    assert total_change(anchored.param_shifts) < total_change(own.param_shifts)
+    with pytest.raises(ValueError, match="preserve > 0"):
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1), applied_shifts=carried)

@@ -374,6 +374,36 @@ def test_lifelong_turns_refine_their_residuals_through_the_turn_solve(editor_dir
         _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), refine=2, refine_target=0.0).check()
 
 
+def test_anchored_lifelong_turns_charge_the_shift_the_model_already_carries(editor_dir, tiny_llama, tmp_path,
+                                                                            monkeypatch):
+    """``--refine-anchor``: each turn's refinement is charged for ``W - W0`` as it is before the turn (nothing on the
+    first turn, the first turn's merged shift on the second), and the option is refused without a preserve charge."""
+    from horse_pl.sequential.runner import build_editor
+
+    monkeypatch.setenv("HORSE_PL_CACHE", str(tmp_path))
+    model, tok = load_model(tiny_llama)
+    cfg = _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), lifelong_preserve=1e2,
+                  refine=2, refine_lr=0.5, refine_preserve=1.0, refine_anchor=True)
+    horse = build_editor("horse_lifelong", model, cfg, [])
+    charged, refine = [], horse.editor.refine
+
+    def spy(*args, applied_shifts=None, **kwargs):
+        charged.append([a.clone() for a in applied_shifts])
+        return refine(*args, applied_shifts=applied_shifts, **kwargs)
+    monkeypatch.setattr(horse.editor, "refine", spy)
+    turns = _turns(tok, n=2)
+    horse.edit(turns[0])
+    first = [(w - w0).T for w, w0 in zip(horse.weights(), horse.original)]
+    horse.edit(turns[1])
+    assert all(float(a.abs().max()) == 0 for a in charged[0])
+    for got, want in zip(charged[1], first):
+        assert float(want.abs().max()) > 0
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="--refine-anchor"):
+        _config(tiny_llama, ["horse_lifelong"], editor=str(editor_dir / "editor"), refine=2,
+                refine_anchor=True).check()
+
+
 def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recomputes_them(editor_dir, tiny_llama,
                                                                                          tmp_path, monkeypatch):
     """A turn's edit to layer 2 moves layer 3's keys: the lifelong diagnostics say how far the bound C0 and earlier

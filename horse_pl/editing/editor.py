@@ -210,14 +210,18 @@ class Editor(nn.Module):
 
     def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState,
                refinement: Refinement, all_reduce: AllReduce = LOCAL,
-               unrelated_moments: Sequence[torch.Tensor] | None = None) -> EditState:
+               unrelated_moments: Sequence[torch.Tensor] | None = None,
+               applied_shifts: Sequence[torch.Tensor] | None = None) -> EditState:
         """Refine the spread residuals by ``refinement.steps`` Adam steps on the edit prompts' cross-entropy with the
         solved shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve, from
         the hypernetwork's residuals. Each step is one forward + backward of the edit prompts; the gradient at the
         shifts goes back to the residuals through the update stage (:meth:`ParamShiftUpdate.solve_grads`), so the
         solve's own preservation terms still hold. See :class:`Refinement` for the settings. ``refinement.preserve``
         charges the output change on ``unrelated_moments`` (each module's ``C0``; default the bound key moments, which
-        are ``C0`` except where a caller bound another preservation matrix, as lifelong editing does)."""
+        are ``C0`` except where a caller bound another preservation matrix, as lifelong editing does).
+        ``applied_shifts`` (each module's (d_in, d_out), shifts the model already carries) makes the charge
+        ``tr((A + dW)^T C0 (A + dW))``, the total output change since before ``A``: lifelong turns pass ``W - W0``, so a
+        turn pays for the drift it adds to the earlier turns' instead of only its own (an output-space norm anchor)."""
         if not refinement:
             return state
         n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
@@ -227,6 +231,8 @@ class Editor(nn.Module):
         log_lambdas = [lam.detach() for lam in self.log_lambdas()]
         moments = self.key_moments
         unrelated = list(unrelated_moments) if unrelated_moments is not None else moments
+        if applied_shifts is not None and not refinement.preserve:
+            raise ValueError("Charging the applied shifts needs a refinement with preserve > 0.")
         if refinement.preserve and unrelated is None:
             raise ValueError("Refinement with preserve > 0 needs the edit modules' key moments; build the editor "
                              "through EditorModule or KnowledgeEditor, which compute them.")
@@ -243,8 +249,10 @@ class Editor(nn.Module):
                     _unlanded_ce(model, mb, refinement.target).div(n_tokens).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
-                shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach())
-                               for g, c0, s in zip(shift_grads, unrelated, shifts)]
+                charged = ([s.detach() for s in shifts] if applied_shifts is None else
+                           [s.detach() + a.to(s.device, s.dtype) for s, a in zip(shifts, applied_shifts)])
+                shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s)
+                               for g, c0, s in zip(shift_grads, unrelated, charged)]
             grads = self.update.solve_grads(state.update_keys, residuals, log_lambdas, solved, shift_grads,
                                             all_reduce, factors)
             for residual, grad in zip(residuals, grads):

@@ -179,7 +179,8 @@ class HorseTurnEditor:
 
     A ``refinement`` refines each turn's residuals on that turn's edit prompts through the turn's own solve
     (:meth:`horse_pl.editing.editor.Editor.refine`), so a lifelong turn's refined shifts still keep the earlier
-    turns' keys; its ``preserve`` charges the output change on unrelated text's keys (``key_moments``).
+    turns' keys; its ``preserve`` charges the output change on unrelated text's keys (``key_moments``): the turn's
+    own, or with ``anchor`` the total shift's ``W - W0``, so each turn pays for the drift it adds to earlier turns'.
 
     Edits to a lower edit module move the keys of every module above it, so ``C0`` and the earlier turns' ``K^T K``
     go stale as turns accumulate. With ``moments_now`` (``C0`` recomputed on the model as it is) the lifelong
@@ -197,6 +198,8 @@ class HorseTurnEditor:
         keep_edits: ``nu``, weight of the earlier turns' keys (0: forget them).
         preserve: ``mu``; None keeps the editor's own preservation weight (and its ``C0``).
         refinement: refine each turn's residuals (default none: the hypernetwork's one step).
+        anchor: the refinement's ``preserve`` charges the total shift ``W - W0`` (with this turn's), not only the
+            turn's own (needs a refinement with ``preserve`` > 0).
         moments_now: computes ``C0`` of the edit modules on the model as it is now (lifelong diagnostics, refresh).
         refresh_every: lifelong: recompute ``C0`` and the earlier turns' keys on the current model every this many
             turns (0: never; they stay as computed on the model of their own turn).
@@ -213,7 +216,7 @@ class HorseTurnEditor:
                  refinement: Refinement | None = None,
                  moments_now: Callable[[], Sequence[torch.Tensor]] | None = None, refresh_every: int = 0,
                  heldout_moments_now: Callable[[], Sequence[torch.Tensor]] | None = None,
-                 refresh_c0_every: int | None = None):
+                 refresh_c0_every: int | None = None, anchor: bool = False):
         if keep_edits < 0 or (preserve is not None and preserve < 0):
             raise ValueError(f"keep_edits ({keep_edits}) and preserve ({preserve}) must be at least 0.")
         if refresh_every < 0 or (refresh_c0_every is not None and refresh_c0_every < 0):
@@ -223,6 +226,10 @@ class HorseTurnEditor:
         if refinement and refinement.preserve and key_moments is None:
             raise ValueError(f"A refinement with preserve={refinement.preserve} needs the edit modules' key moments "
                              "(horse_pl.editing.key_stats.cached_key_moments).")
+        if anchor and not (refinement and refinement.preserve):
+            raise ValueError("anchor charges the refinement's preserve on W - W0: it needs a refinement with "
+                             "preserve > 0.")
+        self.anchor = anchor
         self.model, self.editor, self.edit_modules = model, editor, list(edit_modules)
         _freeze(model)
         self.layers = get_modules(model, self.edit_modules)
@@ -272,8 +279,9 @@ class HorseTurnEditor:
         with torch.no_grad():
             state = self.editor.param_shifts(cap)
         if self.refinement:
+            applied = ([w.T - w0.T for w, w0 in zip(self.weights(), self.original)] if self.anchor else None)
             state = self.editor.refine(self.model, self.layers, micro_batches, state, self.refinement,
-                                       unrelated_moments=self.unrelated)
+                                       unrelated_moments=self.unrelated, applied_shifts=applied)
         merge(self.layers, state.param_shifts)
         for memory, keys in zip(self.memory, state.update_keys):
             keys = keys.detach().to(memory.device, torch.float64)

@@ -73,6 +73,9 @@ class SequentialConfig:
                                         "pulling the residuals")
     refine_preserve: float = _option(0.0, "horse, horse_lifelong: weight of the mean squared output change on "
                                           "unrelated text's keys (C0) in the refined loss")
+    refine_anchor: bool = _option(False, "horse, horse_lifelong: --refine-preserve charges the total shift since the "
+                                         "unedited model (W - W0), not only each turn's: a turn pays for the drift "
+                                         "it adds to the earlier turns' (an output-space norm anchor)")
     refresh_every: int = _option(0, "horse_lifelong: recompute C0 and the earlier turns' keys on the edited model "
                                     "every N turns, so later solves keep the outputs it has now (0: never)")
     refresh_c0_every: int | None = _option(None, "horse_lifelong: recompute C0 every N turns instead (default: with "
@@ -100,6 +103,9 @@ class SequentialConfig:
         from horse_pl.export import EditorLoadError
 
         _ = self.refinement  # building the settings refuses bad ones
+        if self.refine_anchor and not (self.refine and self.refine_preserve):
+            raise ValueError("--refine-anchor charges the refinement's output change on W - W0: it needs --refine K "
+                             "and --refine-preserve > 0.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
@@ -166,7 +172,8 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
                   "refresh_c0_every": cfg.refresh_c0_every,
                   "moments_now": moments_now, "heldout_moments_now": heldout_moments_now}
                  if lifelong else {})  # plain: each turn alone
-        return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement, **turns)
+        return HorseTurnEditor(model, editor, config.edit_modules, key_moments=moments, refinement=refinement,
+                               anchor=cfg.refine_anchor, **turns)
     raise ValueError(f"Unknown sequential method '{method}'; choose from {METHODS}.")
 
 
