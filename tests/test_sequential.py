@@ -451,6 +451,8 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
                 assert expected > 0
                 assert diag["drift_energy_heldout"][i] == pytest.approx(expected, rel=1e-4)
                 assert diag["drift_energy_c0"][i] > 0
+            # one turn: its own energy is the total's where C0 has not moved (layer 2), on the same reference
+            assert diag["turn_energy_sum_c0"][0] == pytest.approx(diag["drift_energy_c0"][0], rel=1e-4)
             continue
         assert max(diag["memory_staleness"] + diag["c0_staleness"]) < 1e-6
         # refreshed on the edited model: the earlier turn's keys as capture records them now, C0 of the same texts
@@ -463,6 +465,10 @@ def test_lifelong_keys_go_stale_above_the_lowest_edit_module_and_refresh_recompu
         assert horse.unrelated is horse.c0 or horse.unrelated is None
         horse.edit(turns[1])  # the next solve binds the refreshed matrices
         assert len(horse.turn_batches) == 2
+        # two turns: the sum of each turn's own energy differs from the total's (cross terms), both positive
+        diag = horse.diagnostics()
+        assert min(diag["turn_energy_sum_c0"]) > 0
+        assert diag["turn_energy_sum_c0"] != pytest.approx(diag["drift_energy_c0"], rel=1e-3)
     with pytest.raises(ValueError, match="horse_lifelong method only"):
         _config(tiny_llama, ["horse"], editor=str(editor_dir / "editor"), refresh_every=2).check()
     with pytest.raises(ValueError, match="--refresh-c0-every -1 must be 0 or a number"):

@@ -191,7 +191,9 @@ class HorseTurnEditor:
     each module's total shift ``D = W - W0`` changes its outputs, per token, relative to the unedited outputs:
     ``drift_energy_c0`` = ``tr(D C0 D^T) / tr(W0 C0 W0^T)`` (what the solve's ``C0`` term sees) and
     ``drift_energy_heldout``, the same on the held-out keys; held-out energy far above ``C0``'s means the shifts
-    sit in directions ``C0`` under-samples.
+    sit in directions ``C0`` under-samples. ``turn_energy_sum_c0`` sums each turn's own ``tr(dW_t C0 dW_t^T)`` (on the
+    ``C0`` bound at that turn, same reference): a total above it means the turns' shifts pile up in shared
+    directions, below it that later turns undo earlier ones.
 
     Args:
         key_moments: ``C0`` of each edit module (needed when ``preserve`` > 0 or the refinement's ``preserve`` > 0).
@@ -251,6 +253,7 @@ class HorseTurnEditor:
         self.moments_now, self.refresh_every, self.refresh_c0_every = moments_now, refresh_every, refresh_c0_every
         self.heldout_moments_now = heldout_moments_now
         self.memory: list[torch.Tensor] = []
+        self.turn_energies: list[float] = []  # per module, sum over turns of tr(dW_t C0 dW_t^T) on the bound C0
         self.turn_batches: list[Sequence[dict]] = []  # every lifelong turn's edit prompts, to recompute their keys
         if self.lifelong:
             if self.preserve and key_moments is None:
@@ -283,6 +286,10 @@ class HorseTurnEditor:
             state = self.editor.refine(self.model, self.layers, micro_batches, state, self.refinement,
                                        unrelated_moments=self.unrelated, applied_shifts=applied)
         merge(self.layers, state.param_shifts)
+        bound_c0 = self.c0 if self.lifelong and self.c0 is not None else self.unrelated
+        if bound_c0 is not None:  # each turn's own output change, to compare with the total's (coherence)
+            turn = output_change_energy([s.detach().T for s in state.param_shifts], bound_c0)
+            self.turn_energies = [a + b for a, b in zip(self.turn_energies, turn)] if self.turn_energies else turn
         for memory, keys in zip(self.memory, state.update_keys):
             keys = keys.detach().to(memory.device, torch.float64)
             memory += keys.T @ keys
@@ -344,9 +351,13 @@ class HorseTurnEditor:
             drifts = [w - w0 for w, w0 in zip(self.weights(), self.original)]  # (d_out, d_in) each
             c0 = c0 if c0 is not None else [m.float() for m in self.moments_now()]
             heldout = [m.float() for m in self.heldout_moments_now()]
-            for name, moments in (("drift_energy_c0", c0), ("drift_energy_heldout", heldout)):
-                out[name] = [e / e0 for e, e0 in zip(output_change_energy(drifts, moments),
-                                                     output_change_energy(self.original, moments))]
+            reference = {"c0": output_change_energy(self.original, c0),
+                         "heldout": output_change_energy(self.original, heldout)}
+            for name, moments in (("c0", c0), ("heldout", heldout)):
+                out[f"drift_energy_{name}"] = [e / e0 for e, e0 in zip(output_change_energy(drifts, moments),
+                                                                      reference[name])]
+            if self.turn_energies:  # the turns' own energies summed: below the total's when turns pile up
+                out["turn_energy_sum_c0"] = [e / e0 for e, e0 in zip(self.turn_energies, reference["c0"])]
         return out
 
 
