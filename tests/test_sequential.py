@@ -244,6 +244,14 @@ def test_sequential_recipes_parse(tmp_path, capsys):
             args = edit.parse(argv)  # the recipe's own command, named or not
             assert args.command == "sequential" and args.methods and Path(ROOT, args.requests).exists(), recipe
             assert args.edit_modules.startswith("layers:"), recipe
+    # a yes/no setting is a flag: --name sets it, --no-name clears the recipe's value, default off
+    recipe = str(recipes[0])
+    assert not edit.parse(["sequential", "--config", recipe, "--out", "x"]).refine_anchor  # the config's default
+    assert edit.parse(["sequential", "--config", recipe, "--out", "x", "--refine-anchor"]).refine_anchor is True
+    anchored = tmp_path / "anchored.yaml"
+    anchored.write_text(Path(recipe).read_text() + "\nrefine_anchor: true\n")
+    assert edit.parse(["--config", str(anchored), "--out", "x"]).refine_anchor is True
+    assert edit.parse(["--config", str(anchored), "--out", "x", "--no-refine-anchor"]).refine_anchor is False
     bad = tmp_path / "bad.yaml"
     bad.write_text("sequential: true\nstep: 3\n")
     assert edit_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
