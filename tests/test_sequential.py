@@ -245,7 +245,7 @@ def test_sequential_recipes_parse(tmp_path, capsys):
             assert args.command == "sequential" and args.methods and Path(ROOT, args.requests).exists(), recipe
             assert args.edit_modules.startswith("layers:"), recipe
     # a yes/no setting is a flag: --name sets it, --no-name clears the recipe's value, default off
-    recipe = str(recipes[0])
+    recipe = str(ROOT / "configs" / "sequential" / "mose_smollm2_counterfact.yaml")
     assert not edit.parse(["sequential", "--config", recipe, "--out", "x"]).refine_anchor  # the config's default
     assert edit.parse(["sequential", "--config", recipe, "--out", "x", "--refine-anchor"]).refine_anchor is True
     anchored = tmp_path / "anchored.yaml"

@@ -255,6 +255,7 @@ class HorseTurnEditor:
         self.memory: list[torch.Tensor] = []
         self.turn_energies: list[float] = []  # per module, sum over turns of tr(dW_t C0 dW_t^T) on the bound C0
         self.turn_batches: list[Sequence[dict]] = []  # every lifelong turn's edit prompts, to recompute their keys
+        self.c0: list[torch.Tensor] | None = None
         if self.lifelong:
             if self.preserve and key_moments is None:
                 raise ValueError(f"Lifelong HORSE with preserve={self.preserve} needs the edit modules' key moments "
@@ -286,8 +287,9 @@ class HorseTurnEditor:
             state = self.editor.refine(self.model, self.layers, micro_batches, state, self.refinement,
                                        unrelated_moments=self.unrelated, applied_shifts=applied)
         merge(self.layers, state.param_shifts)
-        bound_c0 = self.c0 if self.lifelong and self.c0 is not None else self.unrelated
-        if bound_c0 is not None:  # each turn's own output change, to compare with the total's (coherence)
+        bound_c0 = self.c0 if self.c0 is not None else self.unrelated
+        if self.heldout_moments_now is not None and bound_c0 is not None:  # each turn's own output change, for the
+            # drift diagnostics to compare with the total's (coherence)
             turn = output_change_energy([s.detach().T for s in state.param_shifts], bound_c0)
             self.turn_energies = [a + b for a, b in zip(self.turn_energies, turn)] if self.turn_energies else turn
         for memory, keys in zip(self.memory, state.update_keys):
