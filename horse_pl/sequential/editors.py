@@ -283,7 +283,7 @@ class HorseTurnEditor:
         with torch.no_grad():
             state = self.editor.param_shifts(cap)
         if self.refinement:
-            applied = ([w.T - w0.T for w, w0 in zip(self.weights(), self.original)] if self.anchor else None)
+            applied = [d.T for d in self.drifts()] if self.anchor else None
             state = self.editor.refine(self.model, self.layers, micro_batches, state, self.refinement,
                                        unrelated_moments=self.unrelated, applied_shifts=applied)
         merge(self.layers, state.param_shifts)
@@ -333,6 +333,10 @@ class HorseTurnEditor:
     def weights(self) -> list[torch.Tensor]:
         return [weight_in_out(m).detach().T.float().clone() for m in self.layers]
 
+    def drifts(self) -> list[torch.Tensor]:
+        """Each module's total shift ``W - W0``, (d_out, d_in)."""
+        return [w - w0 for w, w0 in zip(self.weights(), self.original)]
+
     def diagnostics(self) -> dict[str, list[float]]:
         """Lifelong with ``moments_now``: how stale the bound ``C0`` and earlier-turn keys are on the current model."""
         if not (self.lifelong and self.moments_now is not None):
@@ -350,7 +354,7 @@ class HorseTurnEditor:
         if c0 is not None:
             out["c0_staleness"] = staleness(c0, self.c0)
         if self.heldout_moments_now is not None:
-            drifts = [w - w0 for w, w0 in zip(self.weights(), self.original)]  # (d_out, d_in) each
+            drifts = self.drifts()
             c0 = c0 if c0 is not None else [m.float() for m in self.moments_now()]
             heldout = [m.float() for m in self.heldout_moments_now()]
             reference = {"c0": output_change_energy(self.original, c0),
