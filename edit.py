@@ -356,6 +356,8 @@ def _sequential_parser(p: argparse.ArgumentParser) -> None:
         kwargs = {"dest": f.name, "help": f.metadata["help"] + ("" if default is None else f" (default {shown})")}
         if f.name == "methods":
             kwargs.update(nargs="+", choices=METHODS)
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         elif hint is bool:  # --name sets it, --no-name clears it (a recipe's value is the default)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif int in typing.get_args(hint) or hint is int:

@@ -10,10 +10,17 @@ from conftest import CF_EVAL
 
 from horse_pl.data.batch import EVAL_VIEWS, edit_batch
 from horse_pl.data.records import load_requests
+from horse_pl.lm import answer_ce
 from horse_pl.metrics import compute_scores, score_batch
 from horse_pl.models import load_model
 from horse_pl.sequential import general
-from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
+from horse_pl.sequential.editors import (
+    FineTuneEditor,
+    HorseTurnEditor,
+    MoseEditor,
+    rotation_output_energy,
+    stability,
+)
 from horse_pl.sequential.runner import SequentialConfig, SequentialRun
 
 edit_main = pytest.importorskip("edit").main
@@ -75,6 +82,98 @@ def test_mose_ball_scaled_to_a_reference_block(tiny_llama, reference_block):
         model(**{k: v for k, v in _turns(tok, n=1)[0][0].items() if k != "labels"})
     for norms in mose.skew_norms():
         assert expected * 0.5 <= norms.max() <= expected * (1 + 1e-5)
+
+
+def _random_rotation_blocks(r, n, scale=0.3):
+    skew = torch.randn(r, n, n) * scale
+    skew = skew - skew.transpose(1, 2)
+    eye = torch.eye(n)
+    return torch.linalg.solve(eye + skew, eye - skew)  # Cayley: orthogonal blocks
+
+
+def test_rotation_output_energy_is_the_output_change_on_the_keys():
+    torch.manual_seed(0)
+    r, n, d_out = 3, 4, 5
+    w0 = torch.randn(d_out, r * n)
+    keys = torch.randn(50, r * n)
+    moments = keys.T @ keys / len(keys)
+    q, q_ref = _random_rotation_blocks(r, n), _random_rotation_blocks(r, n)
+    dense, dense_ref = torch.block_diag(*q), torch.block_diag(*q_ref)
+    change = keys @ (w0 @ dense.T).T - keys @ w0.T  # what the rotated layer outputs minus the unedited outputs
+    assert rotation_output_energy(w0, q, None, moments) == pytest.approx(float(change.pow(2).sum(1).mean()), rel=1e-4)
+    change = keys @ (w0 @ dense.T).T - keys @ (w0 @ dense_ref.T).T
+    assert rotation_output_energy(w0, q, q_ref, moments) == pytest.approx(float(change.pow(2).sum(1).mean()), rel=1e-4)
+
+
+def test_mose_sgd_steps_along_the_gradient_and_target_stops_a_landed_request(tiny_llama):
+    model, tok = load_model(tiny_llama)
+    turn = _turns(tok, n=1)[0]
+    lr = 1e-2
+    mose = MoseEditor(model, MODULES, steps=1, lr=lr, radius_scale=1.0, optimizer="sgd")
+    with torch.enable_grad():
+        answer_ce(model, turn[0]).backward()
+    grads = [p.grad.clone() for p in mose.params]
+    for p in mose.params:
+        p.grad = None
+    mose.edit(turn)
+    for p, g in zip(mose.params, grads):
+        assert torch.allclose(p.detach(), -lr * g, atol=1e-7)  # one plain gradient step, not Adam's sign-like one
+    # a request already at the target probability takes no step; a turn that has not landed takes all of them
+    landed = MoseEditor(load_model(tiny_llama)[0], MODULES, steps=5, lr=lr, radius_scale=1.0, target=1e-12)
+    assert landed.edit(turn) == [] and all(float(p.detach().abs().max()) == 0 for p in landed.params)
+    pulling = MoseEditor(load_model(tiny_llama)[0], MODULES, steps=5, lr=lr, radius_scale=1.0, target=0.999)
+    assert len(pulling.edit(turn)) == 5
+
+
+def _unrelated_moments(model, tok, modules):
+    from horse_pl.edit_modules import get_modules
+    from horse_pl.editing.key_stats import key_second_moments
+
+    texts = ["The weather was mild for most of the week.", "She opened the window and read the letter twice."]
+    return key_second_moments(model, tok, get_modules(model, modules), texts)
+
+
+def test_mose_preserve_charges_the_output_change_on_unrelated_keys(tiny_llama):
+    turn = _turns(load_model(tiny_llama)[1], n=1)[0]
+    energies = []
+    for preserve in (0.0, 1.0):  # plain gradient steps stay stable while lr x preserve x the charge's curvature is small
+        model, tok = load_model(tiny_llama)
+        moments = _unrelated_moments(model, tok, MODULES)
+        mose = MoseEditor(model, MODULES, steps=10, lr=0.5, radius_scale=1.0, optimizer="sgd", preserve=preserve,
+                          key_moments=moments)
+        losses = mose.edit(turn)
+        energies.append(float(mose._charge(mose.key_moments, None)))
+        assert energies[-1] > 0
+    assert energies[1] < 0.5 * energies[0]
+    with pytest.raises(ValueError, match="key moments"):
+        MoseEditor(load_model(tiny_llama)[0], MODULES, preserve=1.0)
+    with pytest.raises(ValueError, match="'adam' or 'sgd'"):
+        MoseEditor(load_model(tiny_llama)[0], MODULES, optimizer="lbfgs")
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_mose_keep_edits_charges_a_turn_for_moving_earlier_edits_outputs(tiny_llama):
+    from horse_pl.editing.key_stats import edit_key_sums
+
+    tok = load_model(tiny_llama)[1]
+    first, second = _turns(tok, n=2)
+    moved = []
+    for keep in (0.0, 1.0):
+        model, _ = load_model(tiny_llama)
+        mose = MoseEditor(model, MODULES, steps=10, lr=0.5, radius_scale=1.0, optimizer="sgd", keep_edits=keep,
+                          key_moments=_unrelated_moments(model, tok, MODULES))
+        mose.edit(first)
+        if keep:  # the memory is the first turn's prompts' key second moment, on the model after that turn
+            sums = edit_key_sums(model, mose.layers, first, "all")
+            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in first)
+            for m, s in zip(mose.edit_moments, sums):
+                assert torch.allclose(m, s.float() / n_tokens, rtol=1e-4, atol=1e-6)
+        before = [q.detach() for q in mose._blocks()]
+        memory = [s.float() for s in edit_key_sums(model, mose.layers, first, "all")]
+        mose.edit(second)
+        moved.append(sum(float(rotation_output_energy(w0, q.detach(), b, m))
+                         for w0, q, b, m in zip(mose.original, mose._blocks(), before, memory)))
+    assert 0 < moved[1] < 0.5 * moved[0]
 
 
 def test_mose_rotation_state_persists_across_requests(tiny_llama):
@@ -252,6 +351,10 @@ def test_sequential_recipes_parse(tmp_path, capsys):
     anchored.write_text(Path(recipe).read_text() + "\nrefine_anchor: true\n")
     assert edit.parse(["--config", str(anchored), "--out", "x"]).refine_anchor is True
     assert edit.parse(["--config", str(anchored), "--out", "x", "--no-refine-anchor"]).refine_anchor is False
+    args = edit.parse(["--config", recipe, "--out", "x", "--mose-optimizer", "sgd", "--mose-preserve", "100"])
+    assert (args.mose_optimizer, args.mose_preserve, args.mose_target) == ("sgd", 100.0, 1.0)
+    with pytest.raises(SystemExit):
+        edit.parse(["--config", recipe, "--out", "x", "--mose-optimizer", "lbfgs"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("sequential: true\nstep: 3\n")
     assert edit_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2

@@ -8,7 +8,6 @@ hypernetwork in row chunks so memory stays bounded for thousands of edits.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
-from horse_pl.lm.passes import answer_logits, sequence_sums
+from horse_pl.lm.passes import unlanded_answer_ce
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
 
@@ -57,19 +56,6 @@ class Refinement:
 
     def __bool__(self) -> bool:
         return self.steps > 0
-
-
-def _unlanded_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target: float) -> torch.Tensor:
-    """Summed answer-token cross-entropy of the requests of a micro-batch whose answer tokens' geometric-mean
-    probability is below ``target`` (all of them at ``target=1``)."""
-    logits, labels = answer_logits(model, micro_batch)
-    token_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-    if target >= 1:
-        return token_ce.sum()
-    labels = micro_batch["labels"]
-    mean_ce = sequence_sums(token_ce.detach(), labels) / sequence_sums(torch.ones_like(token_ce), labels).clamp_min(1)
-    rows = (labels != IGNORE_INDEX).nonzero()[:, 0]  # the sequence of each answer token
-    return (token_ce * (mean_ce > -math.log(target))[rows]).sum()
 
 
 @dataclass
@@ -246,7 +232,7 @@ class Editor(nn.Module):
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
             with torch.enable_grad(), applied(modules, shifts):
                 for mb in micro_batches:
-                    _unlanded_ce(model, mb, refinement.target).div(n_tokens).backward()
+                    unlanded_answer_ce(model, mb, refinement.target).div(n_tokens).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
                 charged = ([s.detach() for s in shifts] if applied_shifts is None else

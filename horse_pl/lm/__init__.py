@@ -5,7 +5,14 @@
 """
 
 from horse_pl.lm.cross_entropy import linear_cross_entropy
-from horse_pl.lm.passes import answer_ce, answer_logits, group_answer_ce_sum, group_answer_logits, sequence_sums
+from horse_pl.lm.passes import (
+    answer_ce,
+    answer_logits,
+    group_answer_ce_sum,
+    group_answer_logits,
+    sequence_sums,
+    unlanded_answer_ce,
+)
 
 __all__ = ["answer_ce", "answer_logits", "group_answer_ce_sum", "group_answer_logits", "linear_cross_entropy",
-           "sequence_sums"]
+           "sequence_sums", "unlanded_answer_ce"]

@@ -8,6 +8,7 @@ which never holds the answer tokens' full logits; scoring, which needs them, use
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -81,3 +82,16 @@ def answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> torch.T
     parts = [_answer_hidden(model, group) for group in row_groups(micro_batch)]
     hidden, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, softcap_of(model)) / len(labels)
+
+
+def unlanded_answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target: float) -> torch.Tensor:
+    """Summed answer-token cross-entropy of the requests of a micro-batch whose answer tokens' geometric-mean
+    probability is below ``target`` (all of them at ``target=1``)."""
+    logits, labels = answer_logits(model, micro_batch)
+    token_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    if target >= 1:
+        return token_ce.sum()
+    labels = micro_batch["labels"]
+    mean_ce = sequence_sums(token_ce.detach(), labels) / sequence_sums(torch.ones_like(token_ce), labels).clamp_min(1)
+    rows = (labels != IGNORE_INDEX).nonzero()[:, 0]  # the sequence of each answer token
+    return (token_ce * (mean_ce > -math.log(target))[rows]).sum()

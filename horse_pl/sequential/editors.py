@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from horse_pl.data.tokenize import IGNORE_INDEX
 from horse_pl.edit_modules import get_modules, weight_in_out
 from horse_pl.editing.editor import Refinement
 from horse_pl.editing.key_stats import edit_key_sums
 from horse_pl.editing.shifts import merge, shift_hook
-from horse_pl.lm import answer_ce
+from horse_pl.lm import answer_ce, unlanded_answer_ce
 
 ADAPTER = "default"
 
@@ -34,23 +35,47 @@ def _freeze(model: nn.Module) -> None:
 
 
 def _optimise(params: Sequence[torch.Tensor], model: nn.Module, micro_batches: Sequence[dict], steps: int, lr: float,
-              after_step=None) -> list[float]:
-    """Per request (turn): a fresh Adam on ``params`` for ``steps`` steps on the targets' NLL given the prompts."""
-    optimizer = torch.optim.Adam(params, lr=lr)
+              after_step=None, optimizer: str = "adam", target: float = 1.0,
+              penalty: Callable[[], torch.Tensor | None] | None = None) -> list[float]:
+    """Per request (turn): a fresh optimiser (``adam`` or ``sgd``) on ``params`` for ``steps`` steps on the
+    targets' NLL given the prompts. With ``target`` < 1 the loss is the token-mean NLL of the requests whose
+    answer's geometric-mean probability is still below it, and the turn stops once every request reaches it;
+    ``penalty()`` (a scalar, or None) is added to the loss at every step."""
+    optimiser = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=lr)
+    n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
     losses = []
     for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+        optimiser.zero_grad(set_to_none=True)
         total = 0.0
         with torch.enable_grad():
             for mb in micro_batches:
-                loss = answer_ce(model, mb) / len(micro_batches)
+                loss = (answer_ce(model, mb) / len(micro_batches) if target >= 1 else
+                        unlanded_answer_ce(model, mb, target) / max(n_tokens, 1))
                 loss.backward()
                 total += float(loss.detach())
-        optimizer.step()
+            if target < 1 and total == 0:
+                break  # every request of the turn has landed
+            extra = penalty() if penalty is not None else None
+            if extra is not None:
+                extra.backward()
+                total += float(extra.detach())
+        optimiser.step()
         if after_step is not None:
             after_step()
         losses.append(total)
     return losses
+
+
+def rotation_output_energy(weight: torch.Tensor, blocks: torch.Tensor, reference: torch.Tensor | None,
+                           moments: torch.Tensor) -> torch.Tensor:
+    """``tr(D M D^T)`` for ``D = W0 (Q - Q_ref)^T``: the mean squared change of a rotated layer's outputs on keys
+    with second moment ``M``. ``weight`` is ``W0`` (d_out, d_in), ``blocks`` the diagonal blocks (r, n, n) of the
+    block-diagonal ``Q`` (the layer computes ``W0 Q^T x``), ``reference`` those of ``Q_ref`` (None: the identity,
+    so ``D = W - W0``)."""
+    r, n, _ = blocks.shape
+    change = blocks - (torch.eye(n, dtype=blocks.dtype) if reference is None else reference)
+    shift = torch.einsum("orj,rkj->ork", weight.view(weight.shape[0], r, n), change).reshape(weight.shape)
+    return ((shift @ moments) * shift).sum()
 
 
 class MoseEditor:
@@ -60,22 +85,46 @@ class MoseEditor:
         model: the LM; OFT layers are injected into it in place (the model stays a plain causal LM).
         edit_modules: names of the edited linear layers (down-projections).
         n_blocks: blocks of ``Q`` per layer (``r``); the block size is ``d_in / n_blocks``.
-        steps, lr: Adam steps and learning rate per request.
+        steps, lr: optimiser steps and learning rate per request.
         radius_scale: the Frobenius ball radius is ``radius_scale * n^2 / sqrt(n_blocks)`` (n = block size), the
             released formula, set for 7B block sizes.
         reference_block: scale the ball to the model: ``radius_scale * n * reference_block / sqrt(n_blocks)``, the
             per-entry bound ``radius / n`` the released formula gives a block of ``reference_block`` (2752: a
             LLaMA-2-7B down-projection in 4 blocks). None: the released formula as it is.
+        optimizer: ``adam`` (released) or ``sgd``. Adam moves every entry of the skew matrices by about ``lr`` per
+            step whatever its gradient, so one request fills the whole ball; plain gradient steps stay in the few
+            directions the request's keys span.
+        target: a request whose answer's geometric-mean probability reaches it stops pulling, and the turn stops
+            when all have (1: every step runs, the released behaviour).
+        preserve: weight of ``sum_l tr(D_l C0_l D_l^T) / tr(W0_l C0_l W0_l^T)`` in each step's loss, ``D = W - W0``:
+            the relative mean squared change of every edited layer's outputs on unrelated text (``C0``, its keys'
+            second moment, ``key_moments``) since the unedited model.
+        keep_edits: weight of the same relative change caused by this turn alone (``Q`` against ``Q`` at the start of
+            the turn) on the keys of every earlier turn's edit prompts (the sum of each turn's key second moment):
+            a new edit's rotation pays for moving the earlier edits' outputs.
+        key_moments: ``C0`` of each edit module (d_in, d_in), needed for ``preserve`` and ``keep_edits``.
     """
 
     name = "mose"
 
     def __init__(self, model: nn.Module, edit_modules: Sequence[str], n_blocks: int = 4, steps: int = 20,
-                 lr: float = 5e-4, radius_scale: float = 1e-5, reference_block: int | None = None):
+                 lr: float = 5e-4, radius_scale: float = 1e-5, reference_block: int | None = None,
+                 optimizer: str = "adam", target: float = 1.0, preserve: float = 0.0, keep_edits: float = 0.0,
+                 key_moments: Sequence[torch.Tensor] | None = None):
         from peft import OFTConfig, inject_adapter_in_model
 
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"MOSE optimizer must be 'adam' or 'sgd', not '{optimizer}'.")
+        if not 0 < target <= 1:
+            raise ValueError(f"MOSE target must be a probability in (0, 1], not {target}.")
+        if preserve < 0 or keep_edits < 0:
+            raise ValueError(f"MOSE preserve and keep_edits must be at least 0, not {preserve} and {keep_edits}.")
+        if (preserve or keep_edits) and key_moments is None:
+            raise ValueError("MOSE preserve and keep_edits need the edit modules' key moments on unrelated text "
+                             "(key_moments); the sequential runner computes them from --general-data.")
         self.model, self.edit_modules = model, list(edit_modules)
-        self.steps, self.lr = steps, lr
+        self.steps, self.lr, self.optimizer, self.target = steps, lr, optimizer, target
+        self.preserve, self.keep_edits = preserve, keep_edits
         base = get_modules(model, self.edit_modules)
         for name, module in zip(self.edit_modules, base):
             if not isinstance(module, nn.Linear) or module.in_features % n_blocks:
@@ -99,9 +148,49 @@ class MoseEditor:
         for param in self.params:
             param.requires_grad_(True)
         self.radius = [eps / math.sqrt(n_blocks) for _ in self.layers]
+        self.key_moments = [m.float() for m in key_moments] if key_moments is not None else None
+        # each layer's output energy on unrelated text, the unit of the preservation charges
+        self.unrelated_energy = ([float(torch.trace(w0 @ c0 @ w0.T)) for w0, c0 in zip(self.original,
+                                                                                        self.key_moments)]
+                                 if self.key_moments is not None else None)
+        self.edit_moments: list[torch.Tensor] | None = None  # sum over earlier turns of their prompts' key moments
+
+    def _blocks(self) -> list[torch.Tensor]:
+        """The diagonal blocks (r, n, n) of every edited layer's ``Q``, differentiable in the skew parameters."""
+        return [layer.oft_R[ADAPTER]._cayley_batch(layer.oft_R[ADAPTER].weight, layer.oft_R[ADAPTER].block_size,
+                                                   False) for layer in self.layers]
+
+    def _charge(self, moments: Sequence[torch.Tensor], reference: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """The relative output change on keys with second moments ``moments``, summed over the edited layers, of
+        ``Q`` against ``reference`` (the blocks at some earlier point; None: the unedited model)."""
+        references = reference if reference is not None else [None] * len(self.layers)
+        return sum(rotation_output_energy(w0, q, ref, m) / e0 for w0, q, ref, m, e0 in
+                   zip(self.original, self._blocks(), references, moments, self.unrelated_energy))
 
     def edit(self, micro_batches: Sequence[dict]) -> list[float]:
-        return _optimise(self.params, self.model, micro_batches, self.steps, self.lr)
+        start = [q.detach() for q in self._blocks()] if self.keep_edits else None
+
+        def penalty():
+            charges = []
+            if self.preserve:
+                charges.append(self.preserve * self._charge(self.key_moments, None))
+            if self.keep_edits and self.edit_moments is not None:
+                charges.append(self.keep_edits * self._charge(self.edit_moments, start))
+            return sum(charges) if charges else None
+        losses = _optimise(self.params, self.model, micro_batches, self.steps, self.lr, optimizer=self.optimizer,
+                           target=self.target, penalty=penalty)
+        if self.keep_edits:
+            self._remember(micro_batches)
+        return losses
+
+    @torch.no_grad()
+    def _remember(self, micro_batches: Sequence[dict]) -> None:
+        """Add this turn's edit prompts' key second moment (every non-padding token) to the earlier edits'."""
+        sums = edit_key_sums(self.model, self.layers, micro_batches, "all")
+        n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        moments = [s.float() / n_tokens for s in sums]
+        self.edit_moments = (moments if self.edit_moments is None else
+                             [m + new for m, new in zip(self.edit_moments, moments)])
 
     @torch.no_grad()
     def rotations(self) -> list[torch.Tensor]:

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 METHODS = ("mose", "ft", "horse", "horse_lifelong")
 
 
-def _option(default, help: str):
-    """A setting that is also an ``edit.py sequential`` option (``--name-with-dashes``), with its help text."""
-    return field(default=default, metadata={"help": help})
+def _option(default, help: str, choices: tuple | None = None):
+    """A setting that is also an ``edit.py sequential`` option (``--name-with-dashes``), with its help text (and
+    the values it takes, where they are few)."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
 @dataclass
@@ -56,6 +57,15 @@ class SequentialConfig:
     reference_block: int | None = _option(None, "MOSE: scale the ball to the block, radius = scale * n * REF / "
                                                 "sqrt(blocks): the per-entry bound the released formula gives a block "
                                                 "of REF (2752: LLaMA-2-7B in 4 blocks); default: the released formula")
+    mose_optimizer: str = _option("adam", "MOSE: adam (released: every skew entry moves ~lr per step, so one request "
+                                          "fills the ball) or sgd (steps stay in the request's key directions)",
+                                  choices=("adam", "sgd"))
+    mose_target: float = _option(1.0, "MOSE: a request whose answer's geometric-mean probability reaches this stops "
+                                      "pulling, and the turn stops when all have (1: every step runs)")
+    mose_preserve: float = _option(0.0, "MOSE: weight of the relative mean squared change of the edited layers' "
+                                        "outputs on unrelated text's keys (C0) since the unedited model")
+    mose_keep_edits: float = _option(0.0, "MOSE: weight of the same relative change a turn causes on the keys of every "
+                                          "earlier turn's edit prompts")
     norm_constraint: float | None = _option(5e-4, "ft: per-turn element-wise bound on the weight change, or none")
     editor: str | None = _option(None, "exported editor folder, for the horse and horse_lifelong methods")
     keep_edits: float = _option(1.0, "horse_lifelong: weight nu of earlier turns' keys K^T K in each solve")
@@ -121,7 +131,15 @@ class SequentialConfig:
 
 def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
     if method == "mose":
-        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale, cfg.reference_block)
+        moments = None
+        if cfg.mose_preserve or cfg.mose_keep_edits:  # C0 of the unedited model, before the adapters go in
+            from horse_pl.editing.key_stats import cached_key_moments
+            from horse_pl.models import load_tokenizer
+
+            moments = cached_key_moments(model, load_tokenizer(cfg.model), names,
+                                         cfg.general_data or DEFAULT_GENERAL_DATA)
+        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale, cfg.reference_block,
+                          cfg.mose_optimizer, cfg.mose_target, cfg.mose_preserve, cfg.mose_keep_edits, moments)
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
     if method in ("horse", "horse_lifelong"):
