@@ -136,7 +136,8 @@ def _unrelated_moments(model, tok, modules):
 def test_mose_preserve_charges_the_output_change_on_unrelated_keys(tiny_llama):
     turn = _turns(load_model(tiny_llama)[1], n=1)[0]
     energies = []
-    for preserve in (0.0, 1.0):  # plain gradient steps stay stable while lr x preserve x the charge's curvature is small
+    # plain gradient steps stay stable while lr x preserve x the charge's curvature is small
+    for preserve in (0.0, 1.0):
         model, tok = load_model(tiny_llama)
         moments = _unrelated_moments(model, tok, MODULES)
         mose = MoseEditor(model, MODULES, steps=10, lr=0.5, radius_scale=1.0, optimizer="sgd", preserve=preserve,
@@ -293,6 +294,23 @@ def test_runner_scores_after_post_on_the_final_model(tiny_llama, tmp_path):
     assert json.loads((tmp_path / "sequential_report.json").read_text())["n_requests"] == 5
 
 
+def test_runner_builds_mose_with_its_own_rate_and_the_unedited_models_key_moments(tiny_llama):
+    from horse_pl.edit_modules import get_modules, resolve_edit_modules
+    from horse_pl.editing.key_stats import key_second_moments, preservation_texts
+    from horse_pl.sequential.runner import build_editor
+
+    cfg = _config(tiny_llama, ("mose",), general_data=str(GENERAL), mose_optimizer="sgd", mose_lr=0.25,
+                  mose_target=0.4, mose_preserve=10.0)
+    model, tok = load_model(tiny_llama)
+    names = resolve_edit_modules(model, cfg.edit_modules)
+    expected = key_second_moments(model, tok, get_modules(model, names), preservation_texts(GENERAL))
+    mose = build_editor("mose", model, cfg, names)
+    assert (mose.lr, mose.optimizer, mose.target, mose.preserve, mose.keep_edits) == (0.25, "sgd", 0.4, 10.0, 0.0)
+    for m, e in zip(mose.key_moments, expected):
+        assert torch.allclose(m, e, rtol=1e-4, atol=1e-6)
+    assert build_editor("mose", load_model(tiny_llama)[0], _config(tiny_llama, ("mose",)), names).lr == 1e-2
+
+
 def test_runner_curve_scores_the_edits_done_so_far(tiny_llama, tmp_path):
     requests, _ = load_requests(CF_EVAL, limit=5)
     run = SequentialRun(_config(tiny_llama, ("ft",), curve_every=2), requests, tmp_path)
@@ -351,9 +369,10 @@ def test_sequential_recipes_parse(tmp_path, capsys):
     anchored.write_text(Path(recipe).read_text() + "\nrefine_anchor: true\n")
     assert edit.parse(["--config", str(anchored), "--out", "x"]).refine_anchor is True
     assert edit.parse(["--config", str(anchored), "--out", "x", "--no-refine-anchor"]).refine_anchor is False
-    args = edit.parse(["--config", recipe, "--out", "x", "--mose-optimizer", "sgd", "--mose-preserve", "100"])
-    assert (args.mose_optimizer, args.mose_preserve, args.mose_target) == ("sgd", 100.0, 1.0)
-    with pytest.raises(SystemExit):
+    args = edit.parse(["--config", recipe, "--out", "x", "--mose-optimizer", "sgd", "--mose-preserve", "100",
+                       "--mose-lr", "1e-3"])
+    assert (args.mose_optimizer, args.mose_preserve, args.mose_target, args.mose_lr) == ("sgd", 100.0, None, 1e-3)
+    with pytest.raises(edit.UsageError, match="invalid choice: 'lbfgs'"):
         edit.parse(["--config", recipe, "--out", "x", "--mose-optimizer", "lbfgs"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("sequential: true\nstep: 3\n")

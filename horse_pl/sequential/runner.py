@@ -60,6 +60,7 @@ class SequentialConfig:
     mose_optimizer: str = _option("adam", "MOSE: adam (released: every skew entry moves ~lr per step, so one request "
                                           "fills the ball) or sgd (steps stay in the request's key directions)",
                                   choices=("adam", "sgd"))
+    mose_lr: float | None = _option(None, "MOSE: learning rate (default: --lr)")
     mose_target: float = _option(1.0, "MOSE: a request whose answer's geometric-mean probability reaches this stops "
                                       "pulling, and the turn stops when all have (1: every step runs)")
     mose_preserve: float = _option(0.0, "MOSE: weight of the relative mean squared change of the edited layers' "
@@ -138,7 +139,8 @@ def build_editor(method: str, model, cfg: SequentialConfig, names: list[str]):
 
             moments = cached_key_moments(model, load_tokenizer(cfg.model), names,
                                          cfg.general_data or DEFAULT_GENERAL_DATA)
-        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, cfg.lr, cfg.radius_scale, cfg.reference_block,
+        lr = cfg.mose_lr if cfg.mose_lr is not None else cfg.lr
+        return MoseEditor(model, names, cfg.n_blocks, cfg.steps, lr, cfg.radius_scale, cfg.reference_block,
                           cfg.mose_optimizer, cfg.mose_target, cfg.mose_preserve, cfg.mose_keep_edits, moments)
     if method == "ft":
         return FineTuneEditor(model, names, cfg.steps, cfg.lr, cfg.norm_constraint)
