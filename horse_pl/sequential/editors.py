@@ -75,7 +75,7 @@ def rotation_output_energy(weight: torch.Tensor, blocks: torch.Tensor, reference
     r, n, _ = blocks.shape
     change = blocks - (torch.eye(n, dtype=blocks.dtype) if reference is None else reference)
     shift = torch.einsum("orj,rkj->ork", weight.view(weight.shape[0], r, n), change).reshape(weight.shape)
-    return ((shift @ moments) * shift).sum()
+    return shift_energy(shift, moments)
 
 
 class MoseEditor:
@@ -150,8 +150,7 @@ class MoseEditor:
         self.radius = [eps / math.sqrt(n_blocks) for _ in self.layers]
         self.key_moments = [m.float() for m in key_moments] if key_moments is not None else None
         # each layer's output energy on unrelated text, the unit of the preservation charges
-        self.unrelated_energy = ([float(torch.trace(w0 @ c0 @ w0.T)) for w0, c0 in zip(self.original,
-                                                                                        self.key_moments)]
+        self.unrelated_energy = (output_change_energy(self.original, self.key_moments)
                                  if self.key_moments is not None else None)
         self.edit_moments: list[torch.Tensor] | None = None  # sum over earlier turns of their prompts' key moments
 
@@ -457,10 +456,15 @@ class HorseTurnEditor:
 
 
 @torch.no_grad()
+def shift_energy(shift: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """The mean squared output change ``tr(D C D^T) = mean_t ||D k_t||^2`` that a weight shift ``D`` (d_out, d_in)
+    makes on keys with second moment ``C`` (d_in, d_in); differentiable in ``D``."""
+    return ((shift @ moments) * shift).sum()
+
+
 def output_change_energy(shifts: Sequence[torch.Tensor], moments: Sequence[torch.Tensor]) -> list[float]:
-    """Per module, the mean squared output change ``tr(D C D^T) = mean_t ||D k_t||^2`` that a weight shift ``D``
-    (d_out, d_in) makes on keys with second moment ``C`` (d_in, d_in)."""
-    return [float(((d.double() @ c.to(d.device).double()) * d.double()).sum()) for d, c in zip(shifts, moments)]
+    """Per module, :func:`shift_energy` in fp64 (diagnostics)."""
+    return [float(shift_energy(d.double(), c.to(d.device).double())) for d, c in zip(shifts, moments)]
 
 
 @torch.no_grad()
