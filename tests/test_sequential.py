@@ -103,6 +103,9 @@ def test_rotation_output_energy_is_the_output_change_on_the_keys():
     assert rotation_output_energy(w0, q, None, moments) == pytest.approx(float(change.pow(2).sum(1).mean()), rel=1e-4)
     change = keys @ (w0 @ dense.T).T - keys @ (w0 @ dense_ref.T).T
     assert rotation_output_energy(w0, q, q_ref, moments) == pytest.approx(float(change.pow(2).sum(1).mean()), rel=1e-4)
+    q.requires_grad_(True)  # the charge MOSE's steps descend: differentiable in the rotation
+    rotation_output_energy(w0, q, None, moments).backward()
+    assert q.grad is not None and float(q.grad.abs().sum()) > 0
 
 
 def test_mose_sgd_steps_along_the_gradient_and_target_stops_a_landed_request(tiny_llama):

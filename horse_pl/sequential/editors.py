@@ -455,13 +455,13 @@ class HorseTurnEditor:
         return out
 
 
-@torch.no_grad()
 def shift_energy(shift: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
     """The mean squared output change ``tr(D C D^T) = mean_t ||D k_t||^2`` that a weight shift ``D`` (d_out, d_in)
     makes on keys with second moment ``C`` (d_in, d_in); differentiable in ``D``."""
     return ((shift @ moments) * shift).sum()
 
 
+@torch.no_grad()
 def output_change_energy(shifts: Sequence[torch.Tensor], moments: Sequence[torch.Tensor]) -> list[float]:
     """Per module, :func:`shift_energy` in fp64 (diagnostics)."""
     return [float(shift_energy(d.double(), c.to(d.device).double())) for d, c in zip(shifts, moments)]
