@@ -156,26 +156,32 @@ class MoseEditor:
 
     def _blocks(self) -> list[torch.Tensor]:
         """The diagonal blocks (r, n, n) of every edited layer's ``Q``, differentiable in the skew parameters."""
-        return [layer.oft_R[ADAPTER]._cayley_batch(layer.oft_R[ADAPTER].weight, layer.oft_R[ADAPTER].block_size,
-                                                   False) for layer in self.layers]
+        rotations = [layer.oft_R[ADAPTER] for layer in self.layers]
+        return [rot._cayley_batch(rot.weight, rot.block_size, False) for rot in rotations]
 
-    def _charge(self, moments: Sequence[torch.Tensor], reference: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    def _charge(self, moments: Sequence[torch.Tensor], reference: Sequence[torch.Tensor] | None,
+                blocks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The relative output change on keys with second moments ``moments``, summed over the edited layers, of
-        ``Q`` against ``reference`` (the blocks at some earlier point; None: the unedited model)."""
+        ``Q`` (``blocks``, default the current ones) against ``reference`` (the blocks at some earlier point; None:
+        the unedited model)."""
         references = reference if reference is not None else [None] * len(self.layers)
         return sum(rotation_output_energy(w0, q, ref, m) / e0 for w0, q, ref, m, e0 in
-                   zip(self.original, self._blocks(), references, moments, self.unrelated_energy))
+                   zip(self.original, blocks or self._blocks(), references, moments, self.unrelated_energy))
 
     def edit(self, micro_batches: Sequence[dict]) -> list[float]:
         start = [q.detach() for q in self._blocks()] if self.keep_edits else None
 
         def penalty():
+            keep = self.keep_edits and self.edit_moments is not None
+            if not (self.preserve or keep):
+                return None
+            blocks = self._blocks()  # one Cayley transform per step for both charges
             charges = []
             if self.preserve:
-                charges.append(self.preserve * self._charge(self.key_moments, None))
-            if self.keep_edits and self.edit_moments is not None:
-                charges.append(self.keep_edits * self._charge(self.edit_moments, start))
-            return sum(charges) if charges else None
+                charges.append(self.preserve * self._charge(self.key_moments, None, blocks))
+            if keep:
+                charges.append(self.keep_edits * self._charge(self.edit_moments, start, blocks))
+            return sum(charges)
         losses = _optimise(self.params, self.model, micro_batches, self.steps, self.lr, optimizer=self.optimizer,
                            target=self.target, penalty=penalty)
         if self.keep_edits:
