@@ -185,6 +185,19 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def _mapping(text: str) -> dict:
+    """An argparse type: a YAML (or JSON) mapping, such as ``'{mose: {lr: 1e-3}}'``."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"must be a YAML mapping such as '{{mose: {{lr: 1e-3}}}}' ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a YAML mapping such as '{{mose: {{lr: 1e-3}}}}', not {text!r}")
+    return value
+
+
 class UsageError(ValueError):
     """A command line that cannot run as given (a missing or contradictory option)."""
 
@@ -358,6 +371,8 @@ def _sequential_parser(p: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="+", choices=METHODS)
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        elif hint is dict:
+            kwargs["type"] = _mapping
         elif hint is bool:  # --name sets it, --no-name clears it (a recipe's value is the default)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif int in typing.get_args(hint) or hint is int:

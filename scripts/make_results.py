@@ -235,6 +235,30 @@ def _sequential_section(name: str, r: dict) -> list[str]:
     return out + ([""] + [r["finding"]] if r.get("finding") else []) + [""]
 
 
+def _lifelong_benchmark_section(name: str, r: dict) -> list[str]:
+    first = next(iter(r["shapes"].values()))
+    keys = ([k for k in ("efficacy", "paraphrase", "neighborhood") if k in first["unedited"]]
+            + ["ES", "GS", "LS"])
+    out = [f"### Lifelong benchmark: `{name}`", "", f"`{r['command']}` — {_when(r)}.", "",
+           "T x n = T turns of n requests, never restored; after-post = every request scored on the final model; "
+           "retention = after / before (QA accuracy, perplexity on held-out text); condition number = the edited "
+           "matrices' mean, relative to the unedited model's. A shape run with fewer requests than planned names "
+           "both.", ""]
+    rows = []
+    for shape, s in r["shapes"].items():
+        label = shape if s["planned"] == shape else f"{shape} (planned {s['planned']})"
+        rows.append([label, "unedited"] + [_f(s["unedited"].get(k)) for k in keys] + ["1", "1", "1", ""])
+        for method, res in s["methods"].items():
+            kept = res.get("retention") or {}
+            rows.append([label, method] + [_f(res["after_post"].get(k)) for k in keys]
+                        + [_f(kept.get("open_domain_qa")), _f(kept.get("perplexity")),
+                           _f(res.get("condition_number_ratio"), 2), _f(res.get("seconds_per_edit"), 2)])
+    out += _table(["shape", "method"] + keys + ["QA retention", "ppl retention", "condition number", "s/edit"], rows)
+    if (RECORDS / f"{name}.png").exists():
+        out += ["", f"![{name}](results/{name}.png)"]
+    return out + ([""] + [r["finding"]] if r.get("finding") else []) + [""]
+
+
 def _speed(row: dict, key: str):
     """One edit-speed figure: benchmarks/edit_speed.py nests the edit's stages under ``edit``; transcribed rows
     are flat."""
@@ -320,6 +344,11 @@ def results_md(records: dict[str, dict]) -> str:
         out += ["## Sequential and lifelong editing", ""]
         for name, r in sequential:
             out += _sequential_section(name, r)
+    benchmarks = [(n, r) for n, r in records.items() if r.get("kind") == "lifelong_benchmark"]
+    if benchmarks:
+        out += ["## Lifelong benchmark (benchmarks/lifelong.py)", ""]
+        for name, r in benchmarks:
+            out += _lifelong_benchmark_section(name, r)
     out += _performance_section(records)
     return "\n".join(out).rstrip() + "\n"
 

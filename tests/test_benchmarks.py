@@ -163,3 +163,45 @@ def test_key_geometry_compares_the_positions_it_names(tiny_llama, tmp_path):
             assert value == pytest.approx(1.0, abs=1e-6), (layer, pair)
         assert real["layers"][layer]["answer_rephrase"] < 0.999
     assert (tmp_path / "real_out.png").stat().st_size > 1000
+
+
+def test_lifelong_benchmark_runs_every_shape_and_reads_finished_ones(tiny_llama, tmp_path, monkeypatch, capsys):
+    from conftest import CF_EVAL
+
+    lifelong = _load("lifelong")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"sequential: true\nmethods: [mose, ft]\nmodel: {tiny_llama}\nrequests: {CF_EVAL}\n"
+                      "edit_modules: layers:2-3\nsteps: 2\nlr: 1.0e-2\ngeneral_tasks: [sst2]\ngeneral_limit: 6\n"
+                      "method_settings:\n  mose: {edit_modules: 'layers:3'}\n")
+    out = tmp_path / "bench"
+    argv = ["--recipe", str(recipe), "--shapes", "3x1", "2x2", "--max-requests", "3", "--out", str(out)]
+    assert lifelong.main(argv) == 0
+    report = json.loads((out / "lifelong_benchmark.json").read_text())
+    assert report["kind"] == "lifelong_benchmark"
+    # 2 x 2 capped at 3 requests: one turn of 2, named as run and as planned
+    assert list(report["shapes"]) == ["3x1", "1x2"] and report["shapes"]["1x2"]["planned"] == "2x2"
+    for name, turns in (("3x1", 3), ("1x2", 1)):
+        shape = report["shapes"][name]
+        run = json.loads((out / name / "record.json").read_text())
+        assert shape["turns"] == turns and set(shape["methods"]) == {"mose", "ft"}
+        for method, res in shape["methods"].items():
+            assert res["after_post"] == run["methods"][method]["after_post"]
+            assert res["curve"][-1]["n_edits"] == shape["n_requests"] and res["condition_number_ratio"] > 0
+            assert "perplexity" in res["retention"] and res["seconds_per_edit"] > 0
+    assert report["shapes"]["3x1"]["methods"]["mose"]["curve"][0]["n_edits"] == 1  # about four points along the way
+    assert (out / "lifelong_benchmark.png").stat().st_size > 1000
+    # the results document shows every shape and method from the record
+    spec = importlib.util.spec_from_file_location("make_results", ROOT / "scripts" / "make_results.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    text = make.results_md({"bench": report})
+    assert "### Lifelong benchmark: `bench`" in text and "| 1x2 (planned 2x2) | mose |" in text
+    assert f"{report['shapes']['3x1']['methods']['ft']['after_post']['efficacy']:.3f}" in text
+    # finished shapes are read, not run again; a folder without a finished run is refused
+    monkeypatch.setattr(lifelong, "run_shape", lambda *a: pytest.fail("a finished shape ran again"))
+    assert lifelong.main(argv) == 0 and "3x1: reading the finished run" in capsys.readouterr().out
+    (out / "5x1").mkdir()
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        lifelong.main(["--recipe", str(recipe), "--shapes", "5x1", "--out", str(out)])
+    with pytest.raises(SystemExit, match="TURNSxREQUESTS_PER_TURN"):
+        lifelong.main(["--recipe", str(recipe), "--shapes", "10by1", "--out", str(out)])

@@ -324,6 +324,51 @@ def test_runner_curve_scores_the_edits_done_so_far(tiny_llama, tmp_path):
     assert all("perplexity" in p["retention"] for p in result["curve"])
 
 
+def test_method_settings_apply_to_their_method_only(tiny_llama, tmp_path):
+    requests, _ = load_requests(CF_EVAL, limit=2)
+    cfg = _config(tiny_llama, ("mose", "ft"), method_settings={"mose": {"edit_modules": "layers:3", "lr": "1e-3",
+                                                                        "mose_optimizer": "sgd"}})
+    mose, ft = cfg.for_method("mose"), cfg.for_method("ft")
+    assert (mose.lr, mose.edit_modules, mose.mose_optimizer, mose.method_settings) == (1e-3, "layers:3", "sgd", {})
+    assert (ft.lr, ft.edit_modules, ft.mose_optimizer) == (1e-2, "layers:2-3", "adam")
+    report = SequentialRun(cfg, requests, tmp_path).run()
+    # each method edited its own layers: one matrix for mose, two for ft
+    assert len(report["methods"]["mose"]["diagnostics"][-1]["condition_number"]) == 1
+    assert len(report["methods"]["ft"]["diagnostics"][-1]["condition_number"]) == 2
+    assert report["config"]["method_settings"]["mose"]["edit_modules"] == "layers:3"
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"horse": {"lr": 1.0}}, "settings for 'horse', which is not among the methods"),
+    ({"mose": {"turn_size": 2}}, "'turn_size' of 'mose' is not a setting one method can have alone"),
+    ({"mose": {"stepz": 2}}, "'stepz' of 'mose' is not a setting"),
+    ({"mose": 3}, "'mose' must map setting names to values"),
+    ({"ft": {"refine_anchor": True, "refine": 0}}, None),  # a horse-only setting on ft is harmless
+])
+def test_method_settings_refuse_what_cannot_apply(tiny_llama, settings, match):
+    cfg = _config(tiny_llama, ("mose", "ft"), method_settings=settings)
+    if match is None:
+        cfg.check()
+        return
+    with pytest.raises(ValueError, match=match):
+        cfg.check()
+
+
+def test_method_settings_from_the_command_line_and_recipes(tiny_llama, tmp_path):
+    import edit
+
+    recipe = str(ROOT / "configs" / "sequential" / "mose_smollm2_counterfact.yaml")
+    args = edit.parse(["--config", recipe, "--out", "x", "--method-settings", "{mose: {lr: 1e-3, steps: 5}}"])
+    assert args.method_settings["mose"]["steps"] == 5
+    # YAML reads 1e-3 as text: the method's settings are numbers of the field's type
+    assert SequentialConfig(methods=("mose",), method_settings=args.method_settings).for_method("mose").lr == 1e-3
+    with pytest.raises(edit.UsageError, match="must be a YAML mapping"):
+        edit.parse(["--config", recipe, "--out", "x", "--method-settings", "[1, 2]"])
+    bench_recipe = ROOT / "configs" / "sequential" / "lifelong_benchmark_smollm2_counterfact.yaml"
+    bench = edit.parse(["--config", str(bench_recipe), "--out", "x"])
+    assert bench.method_settings["horse_lifelong"]["refine"] == 10 and bench.refine is None
+
+
 def test_edit_py_sequential_runs_every_method(tiny_llama, editor_dir, tmp_path, capsys):
     out = tmp_path / "seq"
     args = ["--sequential", "--method", "mose", "ft", "horse", "horse_lifelong", "--editor", str(editor_dir / "editor"),

@@ -12,8 +12,9 @@ import functools
 import json
 import logging
 import time
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +36,14 @@ METHODS = ("mose", "ft", "horse", "horse_lifelong")
 def _option(default, help: str, choices: tuple | None = None):
     """A setting that is also an ``edit.py sequential`` option (``--name-with-dashes``), with its help text (and
     the values it takes, where they are few)."""
-    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# settings every method of a run shares: the requests' turns and scoring (and the methods themselves)
+SHARED_SETTINGS = ("methods", "model", "turn_size", "curve_every", "method_settings")
 
 
 @dataclass
@@ -94,6 +102,9 @@ class SequentialConfig:
                                                  "and costs a pass over the preservation texts")
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
                                   "(0: only at the end)")
+    method_settings: dict = _option({}, "settings of one method alone, a mapping from method to its settings "
+                                        "(YAML/JSON, e.g. '{mose: {edit_modules: layers:19-21, lr: 1e-3}}'); the "
+                                        "rest are shared")
     seed: int = _option(0, "random seed")
     general_data: str | None = DEFAULT_GENERAL_DATA
     general_tasks: Sequence[str] = DEFAULT_TASKS
@@ -109,24 +120,54 @@ class SequentialConfig:
         """The HORSE turns' refinement settings (no steps: none)."""
         return Refinement(self.refine, self.refine_lr, self.refine_target, self.refine_preserve)
 
+    def for_method(self, method: str) -> SequentialConfig:
+        """The settings ``method`` runs with: the shared ones, with its own from ``method_settings`` on top."""
+        hints = typing.get_type_hints(SequentialConfig)
+        own = {}
+        for name, value in (self.method_settings.get(method) or {}).items():
+            hint = hints[name]
+            if value is not None and float in (hint, *typing.get_args(hint)) and not isinstance(value, bool):
+                value = float(value)  # YAML reads 1e-3 as a string
+            own[name] = value
+        return replace(self, method_settings={}, **own)
+
     def check(self) -> None:
         """Refuse settings that cannot run, before any model is loaded."""
-        from horse_pl.export import EditorLoadError
-
-        _ = self.refinement  # building the settings refuses bad ones
-        if self.refine_anchor and not (self.refine and self.refine_preserve):
-            raise ValueError("--refine-anchor charges the refinement's output change on W - W0: it needs --refine K "
-                             "and --refine-preserve > 0.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
+        allowed = [f.name for f in fields(SequentialConfig) if "help" in f.metadata and f.name not in SHARED_SETTINGS]
+        if not isinstance(self.method_settings, dict):
+            raise ValueError(f"--method-settings must map methods to their settings, not {self.method_settings!r}.")
+        for method, own in self.method_settings.items():
+            if method not in self.methods:
+                raise ValueError(f"--method-settings has settings for '{method}', which is not among the methods "
+                                 f"{list(self.methods)}; add it to --method or drop its settings.")
+            if not isinstance(own, dict):
+                raise ValueError(f"--method-settings: '{method}' must map setting names to values, not {own!r}.")
+            bad = [name for name in own if name not in allowed]
+            if bad:
+                raise ValueError(f"--method-settings: '{bad[0]}' of '{method}' is not a setting one method can have "
+                                 f"alone; choose from {allowed}.")
         for option, value in (("--refresh-every", self.refresh_every), ("--refresh-c0-every", self.refresh_c0_every)):
             if value is not None and (value < 0 or (value and "horse_lifelong" not in self.methods)):
                 raise ValueError(f"{option} {value} must be 0 or a number of turns, and applies to the "
                                  "horse_lifelong method only; add it to --methods or drop the option.")
-        needing = [m for m in self.methods if m.startswith("horse")]
-        if needing and not self.editor:
-            raise EditorLoadError(f"The '{needing[0]}' sequential method needs --editor (a folder from "
+        for method in self.methods:
+            self.for_method(method)._check_method(method)
+
+    def _check_method(self, method: str) -> None:
+        """Refuse what ``method`` cannot run with (these are its settings: :meth:`for_method`)."""
+        from horse_pl.export import EditorLoadError
+
+        _ = self.refinement  # building the settings refuses bad ones
+        if not method.startswith("horse"):
+            return
+        if self.refine_anchor and not (self.refine and self.refine_preserve):
+            raise ValueError("--refine-anchor charges the refinement's output change on W - W0: it needs --refine K "
+                             "and --refine-preserve > 0.")
+        if not self.editor:
+            raise EditorLoadError(f"The '{method}' sequential method needs --editor (a folder from "
                                   "'train.py export').")
 
 
@@ -253,7 +294,7 @@ class SequentialRun:
     def run_method(self, method: str) -> dict:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        cfg = self.cfg
+        cfg = self.cfg.for_method(method)
         torch.manual_seed(cfg.seed)
         model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         names = resolve_edit_modules(model, cfg.edit_modules)
