@@ -343,6 +343,7 @@ def test_method_settings_apply_to_their_method_only(tiny_llama, tmp_path):
     ({"mose": {"turn_size": 2}}, "'turn_size' of 'mose' is not a setting one method can have alone"),
     ({"mose": {"stepz": 2}}, "'stepz' of 'mose' is not a setting"),
     ({"mose": 3}, "'mose' must map setting names to values"),
+    ({"mose": {"lr": "fast"}}, "'lr' of 'mose' must be a number, not 'fast'"),
     ({"ft": {"refine_anchor": True, "refine": 0}}, None),  # a horse-only setting on ft is harmless
 ])
 def test_method_settings_refuse_what_cannot_apply(tiny_llama, settings, match):

@@ -126,8 +126,13 @@ class SequentialConfig:
         own = {}
         for name, value in (self.method_settings.get(method) or {}).items():
             hint = hints[name]
-            if value is not None and float in (hint, *typing.get_args(hint)) and not isinstance(value, bool):
-                value = float(value)  # YAML reads 1e-3 as a string
+            number = next((t for t in (float, int) if t in (hint, *typing.get_args(hint))), None)
+            if value is not None and number is not None and not isinstance(value, bool):
+                try:
+                    value = number(value)  # YAML reads 1e-3 as a string
+                except ValueError:
+                    raise ValueError(f"--method-settings: '{name}' of '{method}' must be a number, not "
+                                     f"{value!r}.") from None
             own[name] = value
         return replace(self, method_settings={}, **own)
 
