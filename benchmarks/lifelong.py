@@ -71,6 +71,8 @@ def shape_summary(record: dict) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
+    from horse_pl.sequential.runner import curve_panels
+
     plt = pyplot()
     shapes = report["shapes"]
     first = next(iter(shapes.values()))
@@ -79,17 +81,7 @@ def plot(report: dict, path: Path) -> None:
               ("perplexity", "perplexity retention", "retention"))
     fig, axes = plt.subplots(len(shapes), len(panels), figsize=(4.2 * len(panels), 3.0 * len(shapes)), squeeze=False)
     for row, (shape, summary) in zip(axes, shapes.items()):
-        for ax, (key, title, where) in zip(row, panels):
-            for method, res in summary["methods"].items():
-                points = [(p["n_edits"], (p.get(where) or {}).get(key)) for p in res["curve"]]
-                points = [(n, v) for n, v in points if v is not None]
-                if points:
-                    ax.plot(*zip(*points), marker=".", label=method)
-            if where == "after_post" and key in summary["unedited"]:
-                ax.axhline(summary["unedited"][key], color="grey", ls="--", lw=1, label="unedited")
-            ax.set_title(f"{shape}: {title}", fontsize=9)
-            ax.set_xlabel("edits done")
-            ax.grid(alpha=0.3)
+        curve_panels(row, summary, panels, prefix=f"{shape}: ")
         row[0].legend(fontsize=7)
     save_figure(fig, path, f"Lifelong editing benchmark: {report['recipe']}")
 

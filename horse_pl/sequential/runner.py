@@ -430,6 +430,22 @@ def result_record(report: dict, name: str, command: str, recipe: str | None = No
             "unedited": report["unedited"], "general_before": report.get("general_before"), "methods": methods}
 
 
+def curve_panels(axes, report: dict, panels, prefix: str = "") -> None:
+    """One panel per ``(key, title, where)``: each method's curve points (``where``: ``after_post`` or
+    ``retention``) against edits done, with the unedited score as a dashed line."""
+    for ax, (key, title, where) in zip(axes, panels):
+        for method, result in report["methods"].items():
+            points = [(p["n_edits"], (p.get(where) or {}).get(key)) for p in result.get("curve", [])]
+            points = [(n, v) for n, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=method)
+        if where == "after_post" and key in report["unedited"]:
+            ax.axhline(report["unedited"][key], color="grey", ls="--", lw=1, label="unedited")
+        ax.set_title(prefix + title, fontsize=9 if prefix else 10)
+        ax.set_xlabel("edits done")
+        ax.grid(alpha=0.3)
+
+
 def plot_curve(report: dict, path: Path) -> None:
     """After-post efficacy (or ES) of the requests edited so far, and general-ability retention, against edits."""
     import matplotlib
@@ -442,17 +458,7 @@ def plot_curve(report: dict, path: Path) -> None:
               "after-post neighbourhood" if score == "efficacy" else "after-post LS_agree", "after_post"),
               ("perplexity", "perplexity retention", "retention"), ("mean", "task retention", "retention"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title, where) in zip(axes, panels):
-        for method, result in report["methods"].items():
-            points = [(p["n_edits"], p.get(where, {}).get(key)) for p in result.get("curve", [])]
-            points = [(n, v) for n, v in points if v is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=method)
-        if where == "after_post" and key in report["unedited"]:
-            ax.axhline(report["unedited"][key], color="grey", ls="--", lw=1, label="unedited")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("edits done")
-        ax.grid(alpha=0.3)
+    curve_panels(axes, report, panels)
     axes[0].legend(fontsize=8)
     cfg = report["config"]
     fig.suptitle(f"Lifelong editing: {report['n_requests']} requests, {cfg['turn_size']} per turn", fontsize=10)
