@@ -486,6 +486,22 @@ def test_general_tasks_load_and_score(tiny_llama):
     assert general.perplexity(model, tok, texts) == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
+def test_retention_of_scores_only_the_counted_tasks(tiny_llama, monkeypatch):
+    model, tok = load_model(tiny_llama)
+    check = general.GeneralCheck(tok, GENERAL, ("open_domain_qa", "sst2"), 6)
+    with pytest.raises(RuntimeError, match="call baseline first"):
+        check.retention_of(model)
+    check.baseline(model)
+    check.kept = ["sst2"]  # as if the unedited model were clearly above chance on sst2 only
+    full = check.retention(check.score(model))
+    scored = []
+    real = general.general_abilities
+    monkeypatch.setattr(general, "general_abilities", lambda m, t, r, tasks, limit: scored.append(tasks) or
+                        real(m, t, r, tasks, limit))
+    assert check.retention_of(model) == full and scored == [["sst2"]]
+    assert set(full) == {"sst2", "mean", "perplexity"}
+
+
 def test_turns_with_preserve_facts_solve_with_the_known_facts_term(editor_dir, tiny_llama, tmp_path, monkeypatch):
     from conftest import small_zsre
 

@@ -101,7 +101,7 @@ class SequentialConfig:
                                                  "the keys, every --refresh-every turns; 0: never); C0 moves slowly "
                                                  "and costs a pass over the preservation texts")
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
-                                  "(0: only at the end)")
+                                  "retention counts (0: only at the end)")
     method_settings: dict = _option({}, "settings of one method alone, a mapping from method to its settings "
                                         "(YAML/JSON, e.g. '{mose: {edit_modules: layers:19-21, lr: 1e-3}}'); the "
                                         "rest are shared")
@@ -325,7 +325,7 @@ class SequentialRun:
             # every request edited so far (whole chunks), scored on the model as it is now
             row = {"n_edits": n_edits, **self._after_post(model, n_edits)}
             if self.general is not None:
-                row["retention"] = self.general.retention(self.general.score(model))
+                row["retention"] = self.general.retention_of(model)
             logger.log_metrics({f"curve/{k}": v for k, v in row["after_post"].items()}, step=n_edits)
             curve.append(row)
 
