@@ -86,3 +86,21 @@ def test_joint_solve_refuses_ddp_and_missing_moments():
         JointClosedFormUpdate().solve(keys, residuals, lams, distributed())
     with pytest.raises(ValueError, match="key moments"):
         JointClosedFormUpdate(preserve=1.0).solve(keys, residuals, lams)
+
+
+@pytest.mark.parametrize("update", [JointClosedFormUpdate(preserve=3.0), ClosedFormUpdate("primal", preserve=3.0),
+                                    ClosedFormUpdate("auto")], ids=["joint", "primal", "auto"])
+def test_a_solve_given_its_factors_solves_new_residuals_exactly_as_from_scratch(update):
+    """Refinement steps change only the residuals: the factors of the first solve serve every later one."""
+    g = torch.Generator().manual_seed(5)
+    keys = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    first = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    later = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    lams = [torch.tensor(v, dtype=torch.float64) for v in (0.1, -0.5, 0.3)]
+    moments = _moments(6, 3, 4) if update.preserve else None
+    _, factors = update.solve(keys, first, lams, key_moments=moments)
+    fresh, fresh_factors = update.solve(keys, later, lams, key_moments=moments)
+    reused, reused_factors = update.solve(keys, later, lams, key_moments=moments, factors=factors)
+    for a, b in zip(fresh, reused):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert reused_factors is factors

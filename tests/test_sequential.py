@@ -180,6 +180,26 @@ def test_mose_keep_edits_charges_a_turn_for_moving_earlier_edits_outputs(tiny_ll
     assert 0 < moved[1] < 0.5 * moved[0]
 
 
+def test_edit_key_sums_regrouped_equal_one_pass_per_turn(tiny_llama):
+    """A lifelong refresh regroups many small turns' prompts into larger batches: the same sums as one pass per turn
+    (right padding changes nothing a causal model computes at the real tokens)."""
+    from horse_pl.editing.key_stats import edit_key_sums, regrouped
+
+    model, tok = load_model(tiny_llama)
+    layers = [m for _, m in model.named_modules() if _ in MODULES]
+    turns = _turns(tok, n=7, per_turn=2)  # prompts of several lengths, the last turn of one
+    micro_batches = [mb for turn in turns for mb in turn]
+    for positions in ("answer", "all"):
+        per_turn = [sum(s) for s in zip(*(edit_key_sums(model, layers, turn, positions) for turn in turns))]
+        for rows in (3, 32):
+            together = edit_key_sums(model, layers, micro_batches, positions, rows=rows)
+            for a, b in zip(per_turn, together):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="padded on the left"):
+        list(regrouped([(torch.ones(2, 3, dtype=torch.long), left_padded, left_padded.bool())], 4))
+
+
 def test_mose_rotation_state_persists_across_requests(tiny_llama):
     model, tok = load_model(tiny_llama)
     lr = 1e-3

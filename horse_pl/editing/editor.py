@@ -223,10 +223,15 @@ class Editor(nn.Module):
             raise ValueError("Refinement with preserve > 0 needs the edit modules' key moments; build the editor "
                              "through EditorModule or KnowledgeEditor, which compute them.")
 
+        factors = None  # keys, lambdas and moments stay: factor once, then only the residuals are solved again
+        # the charge's gradient 2 mu C0 (A + dW): C0 A is the same at every step
+        charged_applied = ([0.0] * len(residuals) if applied_shifts is None or not refinement.preserve else
+                           [c0.float() @ a.to(c0.device, torch.float32) for c0, a in zip(unrelated, applied_shifts)])
+
         def solve():
             with torch.no_grad():
                 return self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce, moments,
-                                         self.fact_moments)
+                                         self.fact_moments, factors=factors)
         for _ in range(refinement.steps):
             solved, factors = solve()
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
@@ -235,10 +240,8 @@ class Editor(nn.Module):
                     unlanded_answer_ce(model, mb, refinement.target).div(n_tokens).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
-                charged = ([s.detach() for s in shifts] if applied_shifts is None else
-                           [s.detach() + a.to(s.device, s.dtype) for s, a in zip(shifts, applied_shifts)])
-                shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s)
-                               for g, c0, s in zip(shift_grads, unrelated, charged)]
+                shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach() + a)
+                               for g, c0, s, a in zip(shift_grads, unrelated, shifts, charged_applied)]
             grads = self.update.solve_grads(state.update_keys, residuals, log_lambdas, solved, shift_grads,
                                             all_reduce, factors)
             for residual, grad in zip(residuals, grads):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -98,15 +98,41 @@ def _masked_second_moments(model: nn.Module, modules: Sequence[nn.Module],
 
 
 def edit_key_sums(model: nn.Module, modules: Sequence[nn.Module], micro_batches: Sequence[dict[str, torch.Tensor]],
-                  positions: str) -> list[torch.Tensor]:
+                  positions: str, rows: int | None = None) -> list[torch.Tensor]:
     """``sum K^T K`` (fp64) of each module's update keys on edit prompts, as the model is now: the rows an editor
     that captures at ``positions`` (``answer``, ``subject`` or ``all``, :func:`horse_pl.editing.capture.capture`)
-    solves for, from one forward pass without gradients. A lifelong editor's memory of earlier turns' keys."""
+    solves for, from one forward pass without gradients. A lifelong editor's memory of earlier turns' keys.
+    ``rows`` regroups the right-padded micro-batches' sequences into batches of that many (many small turns: one
+    pass per ``rows`` prompts instead of one per turn)."""
     from horse_pl.editing.capture import record_mask
 
-    sums, _ = _masked_key_sums(model, modules, ((mb["input_ids"], mb["attention_mask"], record_mask(mb, positions))
-                                                for mb in micro_batches))
+    batches = [(mb["input_ids"], mb["attention_mask"], record_mask(mb, positions)) for mb in micro_batches]
+    sums, _ = _masked_key_sums(model, modules, regrouped(batches, rows) if rows else batches)
     return sums
+
+
+def regrouped(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rows: int,
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask, positions) batches as batches of ``rows`` sequences, each as wide as
+    its longest sequence: the same sequences in fewer forward passes (a causal model's outputs at a token do not
+    depend on the padding after it)."""
+    sequences = []
+    for input_ids, attention_mask, positions in batches:
+        for ids, mask, marked in zip(input_ids, attention_mask, positions):
+            n = int(mask.sum())
+            if not bool(mask[:n].all()):
+                raise ValueError("regrouped needs right-padded batches (attention mask ones, then zeros); this one "
+                                 "is padded on the left.")
+            sequences.append((ids[:n], marked[:n]))
+    for start in range(0, len(sequences), rows):
+        group = sequences[start:start + rows]
+        width = max(len(ids) for ids, _ in group)
+        input_ids = torch.zeros((len(group), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        positions = torch.zeros((len(group), width), dtype=torch.bool)
+        for row, (ids, marked) in enumerate(group):
+            input_ids[row, :len(ids)], attention_mask[row, :len(ids)], positions[row, :len(ids)] = ids, 1, marked
+        yield input_ids, attention_mask, positions
 
 
 def key_second_moments(model: nn.Module, tokenizer, modules: Sequence[nn.Module], texts: Sequence[str],

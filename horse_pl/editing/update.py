@@ -78,12 +78,16 @@ class ParamShiftUpdate:
     def solve(self, update_keys: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor],
               log_lambdas: Sequence[torch.Tensor], all_reduce: AllReduce = LOCAL,
               key_moments: Sequence[torch.Tensor] | None = None,
-              fact_moments: Sequence[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list]:
-        """The shifts of every edit module (fp32) and the factors their gradients reuse: one solve per module."""
-        moments = key_moments or [None] * len(update_keys)
-        facts = fact_moments or [None] * len(update_keys)
-        factors = [self.factor(k, lam, all_reduce, m, f)
-                   for k, lam, m, f in zip(update_keys, log_lambdas, moments, facts)]
+              fact_moments: Sequence[torch.Tensor] | None = None, factors: list | None = None,
+              ) -> tuple[list[torch.Tensor], list]:
+        """The shifts of every edit module (fp32) and the factors their gradients reuse: one solve per module.
+        ``factors`` from an earlier solve with the same keys, lambdas and moments skips factoring again (only the
+        residuals changed, as in :meth:`horse_pl.editing.editor.Editor.refine`'s steps)."""
+        if factors is None:
+            moments = key_moments or [None] * len(update_keys)
+            facts = fact_moments or [None] * len(update_keys)
+            factors = [self.factor(k, lam, all_reduce, m, f)
+                       for k, lam, m, f in zip(update_keys, log_lambdas, moments, facts)]
         shifts = [self.param_shift(k, r, lam, all_reduce, f)
                   for k, r, lam, f in zip(update_keys, residuals, log_lambdas, factors)]
         return shifts, factors
@@ -250,10 +254,14 @@ class JointClosedFormUpdate(ClosedFormUpdate):
     def factor(self, update_keys, log_lambda, all_reduce=LOCAL, key_moments=None, fact_moments=None):
         raise NotImplementedError("JointClosedFormUpdate solves all modules together: use solve().")
 
-    def solve(self, update_keys, residuals, log_lambdas, all_reduce=LOCAL, key_moments=None, fact_moments=None):
+    def solve(self, update_keys, residuals, log_lambdas, all_reduce=LOCAL, key_moments=None, fact_moments=None,
+              factors=None):
         if all_reduce.is_distributed:
             raise ValueError("JointClosedFormUpdate needs all key rows in one process; train it on one device, or "
                              "use ClosedFormUpdate under DDP.")
+        if factors is not None:  # the same keys, lambdas and moments: only the residuals changed
+            alpha = torch.cholesky_solve(sum(_f(r) for r in residuals), factors[0].chol)
+            return [ks.T @ alpha for ks in factors[0].keys_solved], factors
         moments = key_moments or [None] * len(update_keys)
         facts = fact_moments or [None] * len(update_keys)
         preservations = [self.preservation(m, f) for m, f in zip(moments, facts)]

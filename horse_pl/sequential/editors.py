@@ -27,6 +27,7 @@ from horse_pl.editing.shifts import merge, shift_hook
 from horse_pl.lm import answer_ce, unlanded_answer_ce
 
 ADAPTER = "default"
+REFRESH_ROWS = 32  # prompts per forward pass when a lifelong refresh recomputes the earlier turns' keys
 
 
 def _freeze(model: nn.Module) -> None:
@@ -406,12 +407,11 @@ class HorseTurnEditor:
               if c0 and self.c0 is not None else None)
         if not keys:
             return c0, None
-        memory = [torch.zeros_like(m) for m in self.memory]
-        for micro_batches in self.turn_batches:
-            sums = edit_key_sums(self.model, self.layers, micro_batches, self.editor.positions)
-            for total, turn_sums in zip(memory, sums):
-                total += turn_sums.to(total.device)
-        return c0, memory
+        # every earlier turn's prompts in batches of REFRESH_ROWS (one pass per turn would make a refresh after T
+        # small turns cost T passes)
+        sums = edit_key_sums(self.model, self.layers, [mb for turn in self.turn_batches for mb in turn],
+                             self.editor.positions, rows=REFRESH_ROWS)
+        return c0, [torch.zeros_like(m) if s is None else s.to(m.device, m.dtype) for s, m in zip(sums, self.memory)]
 
     def refresh(self, keys: bool = True, c0: bool = True) -> None:
         """Recompute the earlier turns' keys and ``C0`` on the model as it is now: later solves keep its outputs."""
