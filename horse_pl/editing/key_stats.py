@@ -127,9 +127,10 @@ def regrouped(batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     for start in range(0, len(sequences), rows):
         group = sequences[start:start + rows]
         width = max(len(ids) for ids, _ in group)
-        input_ids = torch.zeros((len(group), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
-        positions = torch.zeros((len(group), width), dtype=torch.bool)
+        device = group[0][0].device
+        input_ids = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        positions = torch.zeros((len(group), width), dtype=torch.bool, device=device)
         for row, (ids, marked) in enumerate(group):
             input_ids[row, :len(ids)], attention_mask[row, :len(ids)], positions[row, :len(ids)] = ids, 1, marked
         yield input_ids, attention_mask, positions
