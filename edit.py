@@ -21,7 +21,7 @@ from horse_pl.api import KnowledgeEditor, apply_delta, read_delta, save_model
 from horse_pl.cards import edited_model_card
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, hold_out_dev, load_requests
 from horse_pl.data.tokenize import TokenizationError
-from horse_pl.editing.editor import Refinement
+from horse_pl.editing.editor import REFINE_AT, Refinement
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.export import EditorLoadError
 from horse_pl.io import OutputError, check_writable, write_atomic_dir, write_atomic_file
@@ -98,7 +98,7 @@ def run_edit(args: argparse.Namespace) -> None:
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
                                   score=args.score, rounds=args.rounds,
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
-                                                        args.refine_preserve))
+                                                        args.refine_preserve, args.refine_at))
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -320,6 +320,9 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-preserve", type=_non_negative_float, default=0.0,
                    help="weight of the mean squared output change on unrelated text's keys (the preservation term's "
                         "C0) in the refined loss (default 0)")
+    p.add_argument("--refine-at", choices=REFINE_AT, default="all",
+                   help="where the refined loss sees the shifts act: all positions (as the edit applies them; "
+                        "default) or only the editor's key positions (MEMIT's value optimisation at the subject)")
 
 
 def _number(cast, ok, words: str):

@@ -19,8 +19,8 @@ on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preser
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
 same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
 (every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
-[,refine_target=P][,refine_preserve=W]`` (K Adam steps on the residuals against the edit prompts' loss through the
-solve: ``horse_pl.editing.editor.Refinement``);
+[,refine_target=P][,refine_preserve=W][,refine_at=all|keys]`` (K Adam steps on the residuals against the edit
+prompts' loss through the solve: ``horse_pl.editing.editor.Refinement``);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -54,19 +54,22 @@ RECIPES = {"gram_schmidt": "horse_smollm2_{}", "reference": "horse_reference_smo
 SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "paraphrase", "neighborhood",
           "portability")
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
-                  "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float}
-REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve"}
+                  "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float,
+                  "refine_at": str}
+REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve",
+              "refine_at": "at"}
 NOT_STAGE = ("update", "rounds", "scale", *REFINEMENT)  # editor options that are not update-stage arguments
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
     """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]
-    [,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W]`` -> (name, folder, options)."""
+    [,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys]`` -> (name, folder,
+    options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
                          "[,update=STAGE][,rounds=R][,scale=S][,refine=K][,refine_lr=X][,refine_target=P]"
-                         f"[,refine_preserve=W], not '{spec}'.")
+                         f"[,refine_preserve=W][,refine_at=all|keys], not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -247,8 +250,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
                    help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]"
-                        "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W] (default: the "
-                        "recipes' editors)")
+                        "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W]"
+                        "[,refine_at=all|keys] (default: the recipes' editors)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

@@ -7,7 +7,7 @@ from conftest import small_zsre
 
 from horse_pl.data.batch import edit_batch
 from horse_pl.data.records import load_requests
-from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_shape
+from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out, weight_shape
 from horse_pl.editing.editor import Editor, Refinement
 from horse_pl.editing.shifts import applied
 from horse_pl.models import load_model
@@ -142,3 +142,58 @@ def test_the_anchored_refinement_charges_the_shifts_the_model_already_carries(ti
     assert total_change(anchored.param_shifts) < total_change(own.param_shifts)
     with pytest.raises(ValueError, match="preserve > 0"):
         editor.refine(model, modules, micro_batches, state, Refinement(steps=1), applied_shifts=carried)
+
+
+def test_shifts_applied_at_masked_positions_change_only_those_positions(tiny_llama):
+    from horse_pl.editing.shifts import applied_at
+
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    mb = micro_batches[0]
+    shifts = [0.5 * torch.randn(weight_in_out(m).shape) for m in modules]
+    with torch.no_grad():
+        base = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        with applied(modules, shifts):
+            everywhere = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        with applied_at(modules, shifts, torch.ones_like(mb["attention_mask"], dtype=torch.bool)):
+            torch.testing.assert_close(model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits,
+                                       everywhere)
+        at = torch.zeros_like(mb["attention_mask"], dtype=torch.bool)
+        at[:, 3] = True
+        with applied_at(modules, shifts, at):
+            masked = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    torch.testing.assert_close(masked[:, :3], base[:, :3])  # causal: positions before the shifted one are untouched
+    assert (masked[:, 3] - base[:, 3]).abs().max() > 1e-3
+    assert (masked[:, 4:] - everywhere[:, 4:]).abs().max() > 1e-3  # later positions see only position 3's change
+
+
+def test_refining_at_the_key_positions_lowers_the_loss_seen_through_the_subject_alone(tiny_llama):
+    """``at="keys"``: the refined loss sees the shifts act at the captured key rows only (the subject's last token,
+    MEMIT's value optimisation); that loss falls, and the residuals differ from a refinement that sees them act
+    everywhere. The returned shifts are still the solve of the refined residuals."""
+    from horse_pl.editing.capture import record_mask
+    from horse_pl.editing.shifts import applied_at
+    from horse_pl.lm.passes import answer_logits
+
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=5e4, positions="subject")
+
+    def keyed_loss(shifts) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for mb in micro_batches:
+                logits, labels = answer_logits(
+                    model, mb, lambda g: applied_at(modules, shifts, record_mask(g, "subject")))
+                total += float(torch.nn.functional.cross_entropy(logits, labels))
+        return total
+
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+    keyed = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, at="keys"))
+    assert keyed_loss(keyed.param_shifts) < keyed_loss(state.param_shifts) - 1e-3
+    everywhere = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
+    for a, b in zip(keyed.spread_residuals, everywhere.spread_residuals):
+        assert (a - b).norm() > 1e-3 * b.norm()
+    again, _ = editor.update.solve(keyed.update_keys, keyed.spread_residuals, editor.log_lambdas())
+    for got, want in zip(keyed.param_shifts, again):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="'at' must be one of"):
+        Refinement(steps=1, at="subject")

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.editing.capture import Capture, capture
-from horse_pl.editing.shifts import applied
+from horse_pl.editing.capture import Capture, capture, record_mask
+from horse_pl.editing.shifts import applied, applied_at
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
 from horse_pl.lm.passes import unlanded_answer_ce
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
+
+REFINE_AT = ("all", "keys")
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,17 @@ class Refinement:
             that have landed stop pulling the residuals (1: none drops out).
         preserve: weight of ``tr(dW^T C0 dW)`` in the refined loss, the mean squared output change on the keys of
             unrelated text (``C0``, the key moments the preservation term uses; 0: none).
+        at: where the refined loss sees the solved shifts act: ``all`` positions (as the edited model applies them)
+            or only the ``keys`` positions the editor captures its keys at (MEMIT's value optimisation: with a
+            subject-keyed editor the loss can only be lowered through the subject's hidden state, not through the
+            prompt's other words). The edit itself always applies the shifts everywhere.
     """
 
     steps: int = 0
     lr: float = 0.1
     target: float = 1.0
     preserve: float = 0.0
+    at: str = "all"
 
     def __post_init__(self):
         if self.steps < 0:
@@ -53,6 +60,8 @@ class Refinement:
             raise ValueError(f"The refinement target must be a probability in (0, 1], not {self.target}.")
         if self.preserve < 0:
             raise ValueError(f"The refinement preserve weight must be at least 0, not {self.preserve}.")
+        if self.at not in REFINE_AT:
+            raise ValueError(f"The refinement's 'at' must be one of {list(REFINE_AT)}, not '{self.at}'.")
 
     def __bool__(self) -> bool:
         return self.steps > 0
@@ -235,9 +244,16 @@ class Editor(nn.Module):
         for _ in range(refinement.steps):
             solved, factors = solve()
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
-            with torch.enable_grad(), applied(modules, shifts):
-                for mb in micro_batches:
-                    unlanded_answer_ce(model, mb, refinement.target).div(n_tokens).backward()
+            if refinement.at == "keys":
+                def around(group, shifts=shifts):
+                    return applied_at(modules, shifts, record_mask(group, self.positions))
+                with torch.enable_grad():
+                    for mb in micro_batches:
+                        unlanded_answer_ce(model, mb, refinement.target, around).div(n_tokens).backward()
+            else:
+                with torch.enable_grad(), applied(modules, shifts):
+                    for mb in micro_batches:
+                        unlanded_answer_ce(model, mb, refinement.target).div(n_tokens).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
                 shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach() + a)

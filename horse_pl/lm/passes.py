@@ -56,13 +56,23 @@ def group_answer_ce_sum(model: nn.Module, group: dict[str, torch.Tensor], trim_l
     return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, softcap_of(model))
 
 
-def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor],
+                  around_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (fp32) and labels at the labelled positions of a micro-batch, as (n_tokens, vocab) and (n_tokens,).
 
     Only the answer positions go through the output projection, which for small models with large
     vocabularies is a sizeable share of the forward pass; rows run in trimmed groups (:func:`row_groups`).
+    ``around_group(group)``, when given, is a context each row group's pass runs in (whole sequences, every
+    position through every layer, so position masks of the group line up with each module's input).
     """
-    parts = [group_answer_logits(model, group) for group in row_groups(micro_batch)]
+    if around_group is None:
+        parts = [group_answer_logits(model, group) for group in row_groups(micro_batch)]
+    else:
+        parts = []
+        for group in row_groups(micro_batch):
+            with around_group(group):
+                hidden, labels = _answer_hidden(model, group, trim_last_mlp=False, share_prefix=False)
+            parts.append((capped_logits(model.get_output_embeddings(), hidden, softcap_of(model)), labels))
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -84,10 +94,11 @@ def answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor]) -> torch.T
     return linear_cross_entropy(hidden, model.get_output_embeddings(), labels, softcap_of(model)) / len(labels)
 
 
-def unlanded_answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target: float) -> torch.Tensor:
+def unlanded_answer_ce(model: nn.Module, micro_batch: dict[str, torch.Tensor], target: float,
+                       around_group=None) -> torch.Tensor:
     """Summed answer-token cross-entropy of the requests of a micro-batch whose answer tokens' geometric-mean
-    probability is below ``target`` (all of them at ``target=1``)."""
-    logits, labels = answer_logits(model, micro_batch)
+    probability is below ``target`` (all of them at ``target=1``); ``around_group`` as in :func:`answer_logits`."""
+    logits, labels = answer_logits(model, micro_batch, around_group)
     token_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     if target >= 1:
         return token_ce.sum()
