@@ -62,6 +62,8 @@ def refinement_text(refinement: Mapping) -> str:
         parts.append(f"until p {refinement['target']:g}")
     if refinement.get("preserve"):
         parts.append(f"preserve {refinement['preserve']:g}")
+    if refinement.get("at", "all") != "all":
+        parts.append(f"shifts seen at the {refinement['at']} positions only")
     return ", ".join(parts)
 
 
