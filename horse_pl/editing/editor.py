@@ -244,16 +244,13 @@ class Editor(nn.Module):
         for _ in range(refinement.steps):
             solved, factors = solve()
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
-            if refinement.at == "keys":
-                def around(group, shifts=shifts):
-                    return applied_at(modules, shifts, record_mask(group, self.positions))
-                with torch.enable_grad():
-                    for mb in micro_batches:
-                        unlanded_answer_ce(model, mb, refinement.target, around).div(n_tokens).backward()
-            else:
-                with torch.enable_grad(), applied(modules, shifts):
-                    for mb in micro_batches:
-                        unlanded_answer_ce(model, mb, refinement.target).div(n_tokens).backward()
+            keyed = refinement.at == "keys"  # the shifts act per row group, at its key positions alone
+
+            def around(group, shifts=shifts):
+                return applied_at(modules, shifts, record_mask(group, self.positions))
+            with torch.enable_grad(), nullcontext() if keyed else applied(modules, shifts):
+                for mb in micro_batches:
+                    unlanded_answer_ce(model, mb, refinement.target, around if keyed else None).div(n_tokens).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
                 shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach() + a)
