@@ -19,10 +19,14 @@ from torch import nn
 from horse_pl.edit_modules import forward_replaced, weight_in_out
 
 
-def shift_hook(shift: torch.Tensor):
-    """A forward hook making a module compute ``output + input @ shift`` (shift in (d_in, d_out))."""
+def shift_hook(shift: torch.Tensor, mask: torch.Tensor | None = None):
+    """A forward hook making a module compute ``output + input @ shift`` (shift in (d_in, d_out)); with ``mask``
+    (batch x seq, the module input's leading dimensions) only where it is True."""
     def hook(module, inputs, output):
-        return output + (inputs[0].to(shift.dtype) @ shift).to(output.dtype)
+        change = inputs[0].to(shift.dtype) @ shift
+        if mask is not None:
+            change = change * mask.unsqueeze(-1).to(shift.dtype)
+        return output + change.to(output.dtype)
     return hook
 
 
@@ -33,22 +37,13 @@ def _shifted_forward(module: nn.Module, shift: torch.Tensor):
     return forward
 
 
-def masked_shift_hook(shift: torch.Tensor, mask: torch.Tensor):
-    """A forward hook making a module compute ``output + input @ shift`` at the positions where ``mask`` (batch x seq,
-    the module input's leading dimensions) is True, and leave the other positions' output as it is."""
-    def hook(module, inputs, output):
-        change = (inputs[0].to(shift.dtype) @ shift) * mask.unsqueeze(-1).to(shift.dtype)
-        return output + change.to(output.dtype)
-    return hook
-
-
 @contextmanager
 def applied_at(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor], mask: torch.Tensor):
     """Like :func:`applied`, but each shift changes the module's output only at the positions ``mask`` marks
     (batch x seq): MEMIT's value optimisation, which edits the hidden state at the subject's last token alone."""
     with ExitStack() as stack:
         for module, shift in zip(modules, shifts):
-            stack.callback(module.register_forward_hook(masked_shift_hook(shift, mask)).remove)
+            stack.callback(module.register_forward_hook(shift_hook(shift, mask)).remove)
         yield
 
 

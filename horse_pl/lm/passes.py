@@ -43,9 +43,11 @@ def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor], trim_last_m
     return hidden[answer], labels[answer]
 
 
-def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (fp32) and labels at the labelled positions of one row group, as (n_tokens, vocab) and (n_tokens,)."""
-    hidden, labels = _answer_hidden(model, group)
+def group_answer_logits(model: nn.Module, group: dict[str, torch.Tensor],
+                        whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (fp32) and labels at the labelled positions of one row group, as (n_tokens, vocab) and (n_tokens,);
+    ``whole`` runs every position through every layer (no trimmed last MLP, no shared prefix)."""
+    hidden, labels = _answer_hidden(model, group, trim_last_mlp=not whole, share_prefix=not whole)
     return capped_logits(model.get_output_embeddings(), hidden, softcap_of(model)), labels
 
 
@@ -65,14 +67,10 @@ def answer_logits(model: nn.Module, micro_batch: dict[str, torch.Tensor],
     ``around_group(group)``, when given, is a context each row group's pass runs in (whole sequences, every
     position through every layer, so position masks of the group line up with each module's input).
     """
-    if around_group is None:
-        parts = [group_answer_logits(model, group) for group in row_groups(micro_batch)]
-    else:
-        parts = []
-        for group in row_groups(micro_batch):
-            with around_group(group):
-                hidden, labels = _answer_hidden(model, group, trim_last_mlp=False, share_prefix=False)
-            parts.append((capped_logits(model.get_output_embeddings(), hidden, softcap_of(model)), labels))
+    parts = []
+    for group in row_groups(micro_batch):
+        with around_group(group) if around_group is not None else nullcontext():
+            parts.append(group_answer_logits(model, group, whole=around_group is not None))
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
