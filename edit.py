@@ -372,6 +372,8 @@ def _sequential_parser(p: argparse.ArgumentParser) -> None:
         kwargs = {"dest": f.name, "help": f.metadata["help"] + ("" if default is None else f" (default {shown})")}
         if f.name == "methods":
             kwargs.update(nargs="+", choices=METHODS)
+        elif isinstance(default, tuple):
+            kwargs.update(nargs="+", choices=f.metadata.get("choices"))
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         elif hint is dict:

@@ -486,3 +486,54 @@ def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkey
     torch.testing.assert_close(shared[2], full[2], rtol=1e-6, atol=1e-6)
     for a, b in zip(shared[3], full[3]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_replayed_lower_layers_train_the_top_layer_bit_for_bit(tiny_models, kind):
+    """Optimiser steps on the top layer's MLP projection with the layers below it replayed (FT-L's and MOSE's loop)
+    give the losses and weights of full passes, and skip those layers after the first step; a pass over a shared
+    prefix reads a key-value cache, so it runs in full."""
+    from horse_pl.data.tokenize import collate, tokenize_pairs
+    from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules
+    from horse_pl.lm import answer_ce, replayed_below
+    from horse_pl.lm import rows as lm_rows
+    from horse_pl.lm.prefix import shared_prefix_length
+    from horse_pl.lm.replay import decoder_layers
+    from horse_pl.models import load_model
+
+    model, tok = load_model(tiny_models[kind])
+    template = "nq question: please tell me, as briefly as you can and in plain words, the answer to this question:"
+    batches = [collate(tokenize_pairs(tok, p, a, max_length=1024), tok.pad_token_id) for p, a in (
+        ([f"{template} who wrote Hamlet?"], ["William Shakespeare"]),
+        ([f"{template} who?", f"{template} when was it?", f"{template} which river?"], ["Him", "In 1603", "Seine"]))]
+    assert len(lm_rows.row_groups(batches[1])) == 1 and shared_prefix_length(batches[1]) > 0
+    name = resolve_edit_modules(model, "last:1")[0]
+    weight = get_modules(model, [name])[0].weight
+    start = weight.detach().clone()
+    layers = decoder_layers(model)
+    calls = []
+    if layers is not None:
+        next(layers[0].children()).register_forward_hook(lambda *_: calls.append(1))
+    first = layer_index(name) if layers is not None else 0
+
+    def train(first_layer):
+        weight.data.copy_(start)
+        weight.requires_grad_(True)
+        optimiser, losses = torch.optim.SGD([weight], lr=0.5), []
+        calls.clear()
+        with replayed_below(model, first_layer):
+            for _ in range(3):
+                optimiser.zero_grad()
+                loss = sum(answer_ce(model, mb) for mb in batches)
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+        weight.requires_grad_(False)
+        return losses, weight.detach().clone(), len(calls)
+
+    full_losses, full_weight, full_calls = train(0)
+    losses, trained, replay_calls = train(first)
+    assert losses == full_losses and torch.equal(trained, full_weight) and not torch.equal(trained, start)
+    if layers is not None:
+        # per step: the single row (replayed after step 1) and the template's pass (cached: always full)
+        assert full_calls >= 6 and replay_calls == full_calls - 2

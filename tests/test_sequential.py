@@ -344,6 +344,23 @@ def test_runner_curve_scores_the_edits_done_so_far(tiny_llama, tmp_path):
     assert all("perplexity" in p["retention"] for p in result["curve"])
 
 
+def test_post_views_limit_the_scores_after_each_turn_not_the_final_ones(tiny_llama, tmp_path, capsys):
+    import edit
+
+    requests, _ = load_requests(CF_EVAL, limit=3)
+    cfg = _config(tiny_llama, ("ft",), post_views=("edit", "edit_true"))
+    result = SequentialRun(cfg, requests, tmp_path).run()["methods"]["ft"]
+    assert set(result["post"]) == {"ES", "EM_edit", "efficacy"}
+    assert {"GS", "LS_agree", "paraphrase", "neighborhood"} <= set(result["after_post"])
+    assert result["per_request_post"][0].keys() == {"ES", "efficacy"}
+    with pytest.raises(ValueError, match="--post-views has 'edits', which is not a view"):
+        _config(tiny_llama, ("ft",), post_views=("edits",)).check()
+    args = edit.parse(["sequential", "--out", "x", "--post-views", "edit", "edit_true"])
+    assert args.post_views == ["edit", "edit_true"]
+    with pytest.raises(edit.UsageError, match="invalid choice: 'edits'"):
+        edit.parse(["sequential", "--out", "x", "--post-views", "edits"])
+
+
 def test_method_settings_apply_to_their_method_only(tiny_llama, tmp_path):
     requests, _ = load_requests(CF_EVAL, limit=2)
     cfg = _config(tiny_llama, ("mose", "ft"), method_settings={"mose": {"edit_modules": "layers:3", "lr": "1e-3",

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
-from horse_pl.edit_modules import get_modules, weight_in_out
+from horse_pl.edit_modules import get_modules, layer_index, weight_in_out
 from horse_pl.editing.editor import Refinement
 from horse_pl.editing.key_stats import edit_key_sums
 from horse_pl.editing.shifts import merge, shift_hook
-from horse_pl.lm import answer_ce, unlanded_answer_ce
+from horse_pl.lm import answer_ce, replayed_below, unlanded_answer_ce
 
 ADAPTER = "default"
 REFRESH_ROWS = 32  # prompts per forward pass when a lifelong refresh recomputes the earlier turns' keys
@@ -37,34 +37,44 @@ def _freeze(model: nn.Module) -> None:
 
 def _optimise(params: Sequence[torch.Tensor], model: nn.Module, micro_batches: Sequence[dict], steps: int, lr: float,
               after_step=None, optimizer: str = "adam", target: float = 1.0,
-              penalty: Callable[[], torch.Tensor | None] | None = None) -> list[float]:
+              penalty: Callable[[], torch.Tensor | None] | None = None, first_layer: int = 0) -> list[float]:
     """Per request (turn): a fresh optimiser (``adam`` or ``sgd``) on ``params`` for ``steps`` steps on the
     targets' NLL given the prompts. With ``target`` < 1 the loss is the token-mean NLL of the requests whose
     answer's geometric-mean probability is still below it, and the turn stops once every request reaches it;
-    ``penalty()`` (a scalar, or None) is added to the loss at every step."""
+    ``penalty()`` (a scalar, or None) is added to the loss at every step. ``params`` train only modules from
+    decoder layer ``first_layer`` up, so the layers below it run once per prompt (:func:`replayed_below`)."""
     optimiser = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=lr)
     n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
     losses = []
-    for _ in range(steps):
-        optimiser.zero_grad(set_to_none=True)
-        total = 0.0
-        with torch.enable_grad():
-            for mb in micro_batches:
-                loss = (answer_ce(model, mb) / len(micro_batches) if target >= 1 else
-                        unlanded_answer_ce(model, mb, target) / max(n_tokens, 1))
-                loss.backward()
-                total += float(loss.detach())
-            if target < 1 and total == 0:
-                break  # every request of the turn has landed
-            extra = penalty() if penalty is not None else None
-            if extra is not None:
-                extra.backward()
-                total += float(extra.detach())
-        optimiser.step()
-        if after_step is not None:
-            after_step()
-        losses.append(total)
+    with replayed_below(model, first_layer):
+        for _ in range(steps):
+            optimiser.zero_grad(set_to_none=True)
+            total = 0.0
+            with torch.enable_grad():
+                for mb in micro_batches:
+                    loss = (answer_ce(model, mb) / len(micro_batches) if target >= 1 else
+                            unlanded_answer_ce(model, mb, target) / max(n_tokens, 1))
+                    loss.backward()
+                    total += float(loss.detach())
+                if target < 1 and total == 0:
+                    break  # every request of the turn has landed
+                extra = penalty() if penalty is not None else None
+                if extra is not None:
+                    extra.backward()
+                    total += float(extra.detach())
+            optimiser.step()
+            if after_step is not None:
+                after_step()
+            losses.append(total)
     return losses
+
+
+def _lowest_layer(edit_modules: Sequence[str]) -> int:
+    """The lowest decoder layer an editor trains (0 where a name carries no layer number)."""
+    try:
+        return min(layer_index(name) for name in edit_modules)
+    except ValueError:
+        return 0
 
 
 def rotation_output_energy(weight: torch.Tensor, blocks: torch.Tensor, reference: torch.Tensor | None,
@@ -184,7 +194,7 @@ class MoseEditor:
                 charges.append(self.keep_edits * self._charge(self.edit_moments, start, blocks))
             return sum(charges)
         losses = _optimise(self.params, self.model, micro_batches, self.steps, self.lr, optimizer=self.optimizer,
-                           target=self.target, penalty=penalty)
+                           target=self.target, penalty=penalty, first_layer=_lowest_layer(self.edit_modules))
         if self.keep_edits:
             self._remember(micro_batches)
         return losses
@@ -250,7 +260,8 @@ class FineTuneEditor:
             if self.norm_constraint is not None:
                 for shift, s0 in zip(self.shifts, start):
                     shift.copy_(torch.clamp(shift, s0 - self.norm_constraint, s0 + self.norm_constraint))
-        return _optimise(self.shifts, self.model, micro_batches, self.steps, self.lr, clamp)
+        return _optimise(self.shifts, self.model, micro_batches, self.steps, self.lr, clamp,
+                         first_layer=_lowest_layer(self.edit_modules))
 
     @torch.no_grad()
     def weights(self) -> list[torch.Tensor]:

@@ -43,7 +43,7 @@ def _option(default, help: str, choices: tuple | None = None):
 
 
 # settings every method of a run shares: the requests' turns and scoring (and the methods themselves)
-SHARED_SETTINGS = ("methods", "model", "turn_size", "curve_every", "method_settings")
+SHARED_SETTINGS = ("methods", "model", "turn_size", "curve_every", "post_views", "method_settings")
 
 
 @dataclass
@@ -100,6 +100,8 @@ class SequentialConfig:
     refresh_c0_every: int | None = _option(None, "horse_lifelong: recompute C0 every N turns instead (default: with "
                                                  "the keys, every --refresh-every turns; 0: never); C0 moves slowly "
                                                  "and costs a pass over the preservation texts")
+    post_views: Sequence[str] = _option(EVAL_VIEWS, "views scored right after each turn (the post scores); the final "
+                                                    "scores and the curve always score every view", choices=EVAL_VIEWS)
     curve_every: int = _option(0, "every N edits also score every request edited so far and the general tasks "
                                   "retention counts (0: only at the end)")
     method_settings: dict = _option({}, "settings of one method alone, a mapping from method to its settings "
@@ -141,6 +143,9 @@ class SequentialConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown sequential method '{unknown[0]}'; choose from {METHODS}.")
+        bad_views = [v for v in self.post_views if v not in EVAL_VIEWS]
+        if bad_views:
+            raise ValueError(f"--post-views has '{bad_views[0]}', which is not a view; choose from {EVAL_VIEWS}.")
         allowed = [f.name for f in fields(SequentialConfig) if "help" in f.metadata and f.name not in SHARED_SETTINGS]
         if not isinstance(self.method_settings, dict):
             raise ValueError(f"--method-settings must map methods to their settings, not {self.method_settings!r}.")
@@ -340,7 +345,7 @@ class SequentialRun:
             editor.edit(batch["edit"].micro_batches)
             edit_seconds += time.perf_counter() - t0
             done += len(turn)
-            values = compute_scores(score_batch(model, batch, EVAL_VIEWS), locality_before)
+            values = compute_scores(score_batch(model, batch, cfg.post_views), locality_before)
             _accumulate(post, values)
             for name in ("ES", "GS", "LS", "efficacy", "paraphrase", "neighborhood"):
                 if name in values and values[name].numel() == len(turn):

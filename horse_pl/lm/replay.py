@@ -1,0 +1,69 @@
+"""Frozen lower layers, computed once: replay of the decoder layers below the lowest trained one.
+
+An optimiser that trains only modules from decoder layer ``first`` up (FT-L and MOSE on a few late MLP projections)
+runs the same prompts step after step, and the layers below ``first`` give the same output every time. Inside
+:func:`replayed_below` the first pass over an input records the output of layer ``first - 1``; a later pass over
+the same input skips the layers below ``first`` (each returns its input) and takes the recorded output instead, so
+the results are bit for bit those of the full passes. A pass that reads or builds a key-value cache always runs in
+full (the skipped layers would leave their part of the cache empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from horse_pl.edit_modules import forward_replaced
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers of a causal LM whose base model keeps them as ``layers`` (LLaMA, Qwen, Gemma...), or None."""
+    layers = getattr(model.base_model, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+@contextmanager
+def replayed_below(model: nn.Module, first: int) -> Iterator[dict]:
+    """Inside the block, passes over an input already seen replay the output of the layers below ``first`` (see
+    the module's text); yields the recorded outputs, keyed by input. No effect where ``first`` is 0 or the model's
+    layers are not found."""
+    layers = decoder_layers(model)
+    recorded: dict[tuple, torch.Tensor] = {}
+    if not first or layers is None or first > len(layers):
+        yield recorded
+        return
+    now: dict[str, tuple | None] = {"key": None}
+
+    def note_input(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cached = kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
+        mask = kwargs.get("attention_mask")
+        now["key"] = None if ids is None or cached else (
+            tuple(ids.shape), ids.cpu().numpy().tobytes(), None if mask is None else mask.cpu().numpy().tobytes())
+
+    def skipped(full):
+        def forward(hidden_states, *args, **kwargs):
+            return hidden_states if now["key"] in recorded else full(hidden_states, *args, **kwargs)
+        return forward
+
+    top = layers[first - 1]
+    top_full = top.forward
+
+    def last_below(hidden_states, *args, **kwargs):
+        key = now["key"]
+        if key in recorded:
+            return recorded[key]
+        out = top_full(hidden_states, *args, **kwargs)
+        if key is not None and isinstance(out, torch.Tensor):
+            recorded[key] = out.detach()
+        return out
+
+    with ExitStack() as stack:
+        stack.callback(model.base_model.register_forward_pre_hook(note_input, with_kwargs=True).remove)
+        for layer in layers[:first - 1]:
+            stack.enter_context(forward_replaced(layer, skipped(layer.forward)))
+        stack.enter_context(forward_replaced(top, last_below))
+        yield recorded
