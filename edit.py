@@ -166,7 +166,7 @@ def run_sequential(args: argparse.Namespace) -> None:
         print(f"{'-':<16}{'unedited':<12}" + "".join(f"{result['unedited'][n]:>13.3f}" for n in names))
         for method, res in result["methods"].items():
             for when in ("post", "after_post"):
-                row = f"{method:<16}{when:<12}" + "".join(f"{res[when].get(n, float('nan')):>13.3f}" for n in names)
+                row = f"{method:<16}{when:<12}" + "".join(f"{_fmt(res[when].get(n)):>13}" for n in names)
                 if when == "after_post":
                     kept = res.get("retention", {})
                     row += f"{_fmt(kept.get('mean')):>11}{_fmt(kept.get('perplexity')):>9}"

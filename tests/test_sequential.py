@@ -347,16 +347,19 @@ def test_runner_curve_scores_the_edits_done_so_far(tiny_llama, tmp_path):
 def test_post_views_limit_the_scores_after_each_turn_not_the_final_ones(tiny_llama, tmp_path, capsys):
     import edit
 
-    requests, _ = load_requests(CF_EVAL, limit=3)
-    cfg = _config(tiny_llama, ("ft",), post_views=("edit", "edit_true"))
-    result = SequentialRun(cfg, requests, tmp_path).run()["methods"]["ft"]
+    out = tmp_path / "seq"
+    assert edit_main(["sequential", "--method", "ft", "--model", tiny_llama, "--requests", str(CF_EVAL), "--limit", "3",
+                      "--edit-modules", "layers:2-3", "--steps", "2", "--general-data", "none",
+                      "--post-views", "edit", "edit_true", "--out", str(out)]) == 0
+    result = json.loads((out / "sequential_report.json").read_text())["methods"]["ft"]
     assert set(result["post"]) == {"ES", "EM_edit", "efficacy"}
     assert {"GS", "LS_agree", "paraphrase", "neighborhood"} <= set(result["after_post"])
     assert result["per_request_post"][0].keys() == {"ES", "efficacy"}
+    post_row = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["ft", "post"])
+    assert post_row.split()[2:] == [f"{result['post']['efficacy']:.3f}", "-", "-", f"{result['post']['ES']:.3f}",
+                                    "-", "-"]
     with pytest.raises(ValueError, match="--post-views has 'edits', which is not a view"):
         _config(tiny_llama, ("ft",), post_views=("edits",)).check()
-    args = edit.parse(["sequential", "--out", "x", "--post-views", "edit", "edit_true"])
-    assert args.post_views == ["edit", "edit_true"]
     with pytest.raises(edit.UsageError, match="invalid choice: 'edits'"):
         edit.parse(["sequential", "--out", "x", "--post-views", "edits"])
 
