@@ -63,8 +63,10 @@ def shape_summary(record: dict) -> dict:
             "condition_number_ratio": (last["condition_number"] / first["condition_number"]
                                        if "condition_number" in first else None),
             "drift": last.get("drift"), "seconds_per_edit": res["seconds_per_edit"],
-            "sequence_seconds": res["sequence_seconds"], "curve": res.get("curve", [])}
+            "sequence_seconds": res["sequence_seconds"], "method_seconds": res.get("method_seconds"),
+            "curve": res.get("curve", [])}
     return {"unedited": record["unedited"], "general_before": record.get("general_before"),
+            "seconds": record.get("seconds"),  # the shape's whole run (absent in records before it was kept)
             "config": {k: record["config"][k] for k in ("methods", "turn_size", "method_settings", "editor",
                                                          "edit_modules") if k in record["config"]},
             "command": record["command"], "methods": methods}

@@ -243,10 +243,11 @@ def _lifelong_benchmark_section(name: str, r: dict) -> list[str]:
            "T x n = T turns of n requests, never restored; after-post = every request scored on the final model; "
            "retention = after / before (QA accuracy, perplexity on held-out text); condition number = the edited "
            "matrices' mean, relative to the unedited model's. A shape run with fewer requests than planned names "
-           "both.", ""]
+           "both; min = the shape's whole run (every method and the unedited scores), where the record kept it.", ""]
     rows = []
     for shape, s in r["shapes"].items():
         label = shape if s["planned"] == shape else f"{shape} (planned {s['planned']})"
+        label += f", {s['seconds'] / 60:.0f} min" if s.get("seconds") else ""
         rows.append([label, "unedited"] + [_f(s["unedited"].get(k)) for k in keys] + ["1", "1", "1", ""])
         for method, res in s["methods"].items():
             kept = res.get("retention") or {}

@@ -188,6 +188,9 @@ def test_lifelong_benchmark_runs_every_shape_and_reads_finished_ones(tiny_llama,
             assert res["after_post"] == run["methods"][method]["after_post"]
             assert res["curve"][-1]["n_edits"] == shape["n_requests"] and res["condition_number_ratio"] > 0
             assert "perplexity" in res["retention"] and res["seconds_per_edit"] > 0
+            assert res["method_seconds"] > res["sequence_seconds"] > 0
+        # the shape's whole run: the unedited scores and every method
+        assert shape["seconds"] > sum(res["method_seconds"] for res in shape["methods"].values())
     assert report["shapes"]["3x1"]["methods"]["mose"]["curve"][0]["n_edits"] == 1  # about four points along the way
     assert (out / "lifelong_benchmark.png").stat().st_size > 1000
     # the results document shows every shape and method from the record
@@ -195,7 +198,7 @@ def test_lifelong_benchmark_runs_every_shape_and_reads_finished_ones(tiny_llama,
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     text = make.results_md({"bench": report})
-    assert "### Lifelong benchmark: `bench`" in text and "| 1x2 (planned 2x2) | mose |" in text
+    assert "### Lifelong benchmark: `bench`" in text and "| 1x2 (planned 2x2), 0 min | mose |" in text
     assert f"{report['shapes']['3x1']['methods']['ft']['after_post']['efficacy']:.3f}" in text
     # finished shapes are read, not run again; a folder without a finished run is refused
     monkeypatch.setattr(lifelong, "run_shape", lambda *a: pytest.fail("a finished shape ran again"))

@@ -305,6 +305,7 @@ class SequentialRun:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         cfg = self.cfg.for_method(method)
+        began = time.perf_counter()
         torch.manual_seed(cfg.seed)
         model, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         names = resolve_edit_modules(model, cfg.edit_modules)
@@ -375,6 +376,7 @@ class SequentialRun:
                           **({"retention": result["retention"]} if "retention" in result else {})})
             result["curve"] = curve
         logger.finalize("success")
+        result["method_seconds"] = time.perf_counter() - began  # load, turns, final scores and general check
         self.final_model = model  # the last method's edited model (tests score it independently)
         return result
 
@@ -391,6 +393,7 @@ class SequentialRun:
 
     def run(self) -> dict:
         """Score the unedited model, then run every method on a fresh copy of it; the report is written after each."""
+        began = time.perf_counter()
         self.score_unedited()
         for method in self.cfg.methods:
             log.info("sequential %s: %d requests in turns of %d", method, len(self.requests), self.cfg.turn_size)
@@ -399,6 +402,7 @@ class SequentialRun:
         plot_diagnostics(self.report, self.out / "diagnostics.png")
         if self.cfg.curve_every:
             plot_curve(self.report, self.out / "curve.png")
+        self.report["seconds"] = time.perf_counter() - began  # the whole run: unedited scores and every method
         self.write()
         return self.report
 
@@ -407,7 +411,7 @@ class SequentialRun:
 
 
 RECORD_KEYS = ("post", "after_post", "retention", "general_after", "sequence_seconds", "edit_seconds",
-               "seconds_per_edit", "curve")
+               "seconds_per_edit", "method_seconds", "curve")
 
 
 def result_record(report: dict, name: str, command: str, recipe: str | None = None) -> dict:
@@ -432,7 +436,8 @@ def result_record(report: dict, name: str, command: str, recipe: str | None = No
             "protocol": f"{report['n_requests']} requests of {split}, {cfg['turn_size']} per turn, never restored; "
                         "after-post = every request on the final model",
             "config": {k: v for k, v in cfg.items() if k != "extra"}, "requests": extra,
-            "unedited": report["unedited"], "general_before": report.get("general_before"), "methods": methods}
+            "unedited": report["unedited"], "general_before": report.get("general_before"),
+            "unedited_seconds": report.get("unedited_seconds"), "seconds": report.get("seconds"), "methods": methods}
 
 
 def curve_panels(axes, report: dict, panels, prefix: str = "") -> None:
