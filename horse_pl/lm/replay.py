@@ -26,14 +26,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 
 @contextmanager
-def replayed_below(model: nn.Module, first: int) -> Iterator[dict]:
+def replayed_below(model: nn.Module, first: int) -> Iterator[None]:
     """Inside the block, passes over an input already seen replay the output of the layers below ``first`` (see
-    the module's text); yields the recorded outputs, keyed by input. No effect where ``first`` is 0 or the model's
-    layers are not found."""
+    the module's text). No effect where ``first`` is 0 or the model's layers are not found."""
     layers = decoder_layers(model)
     recorded: dict[tuple, torch.Tensor] = {}
     if not first or layers is None or first > len(layers):
-        yield recorded
+        yield
         return
     now: dict[str, tuple | None] = {"key": None}
 
@@ -66,4 +65,4 @@ def replayed_below(model: nn.Module, first: int) -> Iterator[dict]:
         for layer in layers[:first - 1]:
             stack.enter_context(forward_replaced(layer, skipped(layer.forward)))
         stack.enter_context(forward_replaced(top, last_below))
-        yield recorded
+        yield
