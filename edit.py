@@ -26,8 +26,10 @@ from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.export import EditorLoadError
 from horse_pl.io import OutputError, check_writable, write_atomic_dir, write_atomic_file
 from horse_pl.models import load_model
+from horse_pl.progress import shown
 from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck
 
+PROGRESS = {"auto": None, "on": True, "off": False}  # --progress: horse_pl.progress.shown's ``enabled``
 USER_ERRORS = (RecordError, TokenizationError, EditorLoadError, FileExistsError, FileNotFoundError,
                ModuleNotFoundError, ValueError, OutputError)
 
@@ -77,6 +79,7 @@ def _note_conflicts(requests) -> None:
 
 
 def run_edit(args: argparse.Namespace) -> None:
+    begun = time.perf_counter()
     out = Path(args.out)
     _check_out(out, args.overwrite, is_file=args.delta)
     requests, report = load_requests(args.requests, args.dataset, skip_invalid=args.skip_invalid, limit=args.limit)
@@ -117,7 +120,8 @@ def run_edit(args: argparse.Namespace) -> None:
             "edit_report.json": json.dumps(edit_report, indent=2),
             "README.md": edited_model_card(edit_report, ke.config, ke.model_name, args.editor)})
     ke.timings["save"] = time.perf_counter() - start
-    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ke.timings.items()))
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ke.timings.items())
+          + f"; wall {time.perf_counter() - begun:.1f} from reading the requests to the written output")
     print(f"wrote {out}")
 
 
@@ -258,6 +262,9 @@ def _outputs(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", required=True, help=what)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--dtype", default="float32", help="dtype of the base model")
+    p.add_argument("--progress", choices=tuple(PROGRESS), default="auto",
+                   help="progress bars on stderr for capture, refinement, scoring, the general check, turns and "
+                        "saving: auto (default) shows them on a terminal unless CI is set")
 
 
 def _request_options(p: argparse.ArgumentParser) -> None:
@@ -430,12 +437,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"(see 'python edit.py {args.command} --help').")
         if getattr(args, "general_data", None) is not None and str(args.general_data).lower() == "none":
             args.general_data = ""
-        if args.command == "sequential":
-            run_sequential(args)
-        elif args.command == "edit":
-            run_edit(args)
-        else:
-            run_delta(args, 1.0 if args.command == "apply-delta" else -1.0)
+        with shown(PROGRESS[args.progress]):
+            if args.command == "sequential":
+                run_sequential(args)
+            elif args.command == "edit":
+                run_edit(args)
+            else:
+                run_delta(args, 1.0 if args.command == "apply-delta" else -1.0)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

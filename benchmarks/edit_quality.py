@@ -142,6 +142,7 @@ def evaluate(args) -> dict:
     from horse_pl.editing.key_stats import bind_preservation
     from horse_pl.editing.shifts import applied
     from horse_pl.export import load_editor
+    from horse_pl.progress import track
     from horse_pl.sequential.general import GeneralCheck
     from horse_pl.timing import StageTimer
 
@@ -185,7 +186,7 @@ def evaluate(args) -> dict:
             "config": {k: getattr(ke.config, k) for k in ("method", "spread", "rank", "edit_modules", "training")}}
         if "scale" in overrides:
             ke.editor.hypernet.scale_lr(overrides["scale"])
-        for n in args.n:
+        for n in track(args.n, name):  # one bar per editor; its stages' bars come and go inside
             start = time.perf_counter()
             batch = ke.batches([requests[i] for i in order[:n]], args.batch_size)
             timer = StageTimer(ke.model.device)
@@ -273,7 +274,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = "python benchmarks/edit_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = {**provenance(command), **evaluate(args)}
+    from horse_pl.progress import shown
+
+    with shown():  # progress bars on a terminal, none in CI or in a log file
+        report = {**provenance(command), **evaluate(args)}
     out = Path(args.out or f"benchmarks/results/edit_quality_{args.dataset}_{args.split}.json")
     write_json(report, out)
     plot(report, out.with_suffix(".png"))

@@ -31,6 +31,7 @@ from horse_pl.generation import greedy_answers
 from horse_pl.io import first_line, write_atomic_dir, write_atomic_file
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
+from horse_pl.progress import task
 from horse_pl.sequential.general import GeneralCheck
 from horse_pl.timing import StageTimer
 
@@ -48,7 +49,8 @@ def save_model(model, tokenizer, out: str | Path, overwrite: bool = False, files
         tokenizer.save_pretrained(folder)
         for name, text in (files or {}).items():
             (folder / name).write_text(text)
-    write_atomic_dir(out, write, "replace" if overwrite else "error")
+    with task("save", None):
+        write_atomic_dir(out, write, "replace" if overwrite else "error")
     return Path(out)
 
 
@@ -138,10 +140,12 @@ class KnowledgeEditor:
                                 timer=StageTimer(self.device, self.timings), rounds=rounds,
                                 refinement=refinement)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
+        start = time.perf_counter()
         shown = list(requests[:examples])
         before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
         with applied(self.modules, result.state.param_shifts):
             after = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
+        self.timings["examples"] = time.perf_counter() - start
         if merge_shifts:
             start = time.perf_counter()
             self.fingerprints = (model_fingerprint(self.model), None)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from horse_pl.data.batch import EditBatch, View
 from horse_pl.lm import answer_logits, sequence_sums
+from horse_pl.progress import task
 
 SCORE_NAMES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "portability", "efficacy", "paraphrase",
                "neighborhood")
@@ -38,8 +40,8 @@ class SequenceScores:
 
 
 @torch.no_grad()
-def score_view(model: nn.Module, view: View) -> SequenceScores:
-    """Teacher-forced scores of every sequence of a view."""
+def score_view(model: nn.Module, view: View, advance: Callable[[], None] | None = None) -> SequenceScores:
+    """Teacher-forced scores of every sequence of a view (``advance()`` after each micro-batch)."""
     acc, exact, logprob, argmax = [], [], [], []
     for mb in view:
         logits, labels = answer_logits(model, mb)
@@ -52,6 +54,8 @@ def score_view(model: nn.Module, view: View) -> SequenceScores:
         exact.append((n_right == n_tok).float())
         logprob.append(sequence_sums(token_lp, mb["labels"]) / n_tok)
         argmax.append(pred)
+        if advance is not None:
+            advance()
     return SequenceScores(view.rows, _cat(acc), _cat(exact), _cat(logprob), argmax)
 
 
@@ -99,9 +103,12 @@ def compute_scores(
     return out
 
 
-def score_batch(model: nn.Module, batch: EditBatch, views: tuple[str, ...]) -> dict[str, SequenceScores]:
-    """Score every requested view present in an edit batch."""
-    return {v: score_view(model, batch[v]) for v in views if batch.get(v)}
+def score_batch(model: nn.Module, batch: EditBatch, views: tuple[str, ...],
+                description: str = "score") -> dict[str, SequenceScores]:
+    """Score every requested view present in an edit batch (one progress bar, ``description``, over all of them)."""
+    present = [v for v in views if batch.get(v)]
+    with task(description, sum(len(batch[v]) for v in present)) as advance:
+        return {v: score_view(model, batch[v], advance) for v in present}
 
 
 def make_metrics() -> MetricCollection:

@@ -266,3 +266,19 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
     assert any(not torch.equal(keyed[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "keyed.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"]["at"] == "keys"
+
+
+def test_edit_py_shows_each_stage_s_progress_when_asked(editor_dir, tmp_path, capsys):
+    """--progress on: one bar per stage on stderr (capture, refinement, scoring, save); off (and auto in CI or
+    without a terminal, as here): none."""
+    requests_path = _requests_file(tmp_path, n=4)
+    common = ["--editor", str(editor_dir / "editor"), "--requests", str(requests_path), "--max-length", "1024",
+              "--refine", "2"]
+    assert edit_main(common + ["--progress", "on", "--out", str(tmp_path / "shown")]) == 0
+    err = capsys.readouterr().err
+    for stage in ("capture", "refine", "score before", "score after", "save"):
+        assert stage in err, stage
+    assert "2/2" in err  # the refinement's two steps
+    assert edit_main(common + ["--out", str(tmp_path / "quiet")]) == 0
+    err = capsys.readouterr().err
+    assert "score after" not in err and "capture" not in err

@@ -18,6 +18,7 @@ from torch import nn
 from horse_pl.data.tokenize import IGNORE_INDEX
 from horse_pl.lm.passes import group_answer_ce_sum
 from horse_pl.lm.rows import row_groups
+from horse_pl.progress import track
 
 
 @dataclass
@@ -106,7 +107,7 @@ def capture(
     keys: list[list[torch.Tensor]] = [[] for _ in modules]
     grads: list[list[torch.Tensor]] = [[] for _ in modules]
     total = 0.0
-    for mb in micro_batches:
+    for mb in track(micro_batches, "capture"):
         n_answer = int((mb["labels"] != IGNORE_INDEX).sum())
         rows = mb["labels"].shape[0]
         if full_rows and rows != full_rows:

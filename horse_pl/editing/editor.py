@@ -22,6 +22,7 @@ from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
 from horse_pl.lm.passes import unlanded_answer_ce
+from horse_pl.progress import track
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
 
@@ -241,7 +242,7 @@ class Editor(nn.Module):
             with torch.no_grad():
                 return self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce, moments,
                                          self.fact_moments, factors=factors)
-        for _ in range(refinement.steps):
+        for _ in track(range(refinement.steps), "refine"):
             solved, factors = solve()
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
             keyed = refinement.at == "keys"  # the shifts act per row group, at its key positions alone

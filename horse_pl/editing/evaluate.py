@@ -12,7 +12,7 @@ from horse_pl.data.batch import EditBatch
 from horse_pl.editing.editor import Editor, EditState, Refinement
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce
-from horse_pl.metrics import SequenceScores, compute_scores, score_batch, score_view
+from horse_pl.metrics import SequenceScores, compute_scores, score_batch
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
 
@@ -42,12 +42,13 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     views = tuple(v for v in views if batch.get(v))
     with timer("score_before"):
         if score_before:
-            before = score_batch(lm, batch, views)
+            before = score_batch(lm, batch, views, "score before")
             locality_before = before.get("locality")
         else:
             before = None
-            locality_before = score_view(lm, batch["locality"]) if "locality" in views else None
+            locality_before = (score_batch(lm, batch, ("locality",), "score before")["locality"]
+                               if "locality" in views else None)
     with timer("score_after"), applied(modules, state.param_shifts):
-        after = score_batch(lm, batch, views)
+        after = score_batch(lm, batch, views, "score after")
     values_before = compute_scores(before, locality_before) if before is not None else None
     return BatchResult(state, before, after, values_before, compute_scores(after, locality_before))

@@ -22,6 +22,7 @@ from horse_pl.data.batch import View
 from horse_pl.data.records import RecordError
 from horse_pl.data.tokenize import IGNORE_INDEX, collate, tokenize_pairs
 from horse_pl.metrics import score_view
+from horse_pl.progress import task
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,14 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
 def general_abilities(model: nn.Module, tokenizer, root: str | Path, tasks: Sequence[str], limit: int | None,
                       ppl_texts: int = 64) -> dict[str, float]:
     """Accuracy on each task and perplexity on the fixed sample."""
-    scores = {name: (qa_accuracy if name in QA_TASKS else choice_accuracy)(model, tokenizer,
-                                                                          load_task(root, name, limit))
-              for name in tasks}
-    scores["perplexity"] = perplexity(model, tokenizer, perplexity_texts(root, ppl_texts))
+    with task("general", len(tasks) + 1) as advance:
+        scores = {}
+        for name in tasks:
+            scores[name] = (qa_accuracy if name in QA_TASKS else choice_accuracy)(model, tokenizer,
+                                                                                 load_task(root, name, limit))
+            advance()
+        scores["perplexity"] = perplexity(model, tokenizer, perplexity_texts(root, ppl_texts))
+        advance()
     return scores
 
 

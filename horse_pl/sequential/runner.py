@@ -26,6 +26,7 @@ from horse_pl.editing.editor import Refinement
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA
 from horse_pl.metrics import SCORE_NAMES, compute_scores, score_batch, score_view
 from horse_pl.models import load_model
+from horse_pl.progress import track
 from horse_pl.sequential.editors import FineTuneEditor, HorseTurnEditor, MoseEditor, stability
 from horse_pl.sequential.general import DEFAULT_TASKS, GeneralCheck, perplexity_texts
 
@@ -340,7 +341,7 @@ class SequentialRun:
         per_request_post: list[dict] = [{} for _ in self.requests]
         start, done, next_diag = time.perf_counter(), 0, cfg.diag_every
         edit_seconds = 0.0
-        for turn, locality_before in zip(self.turns, self.turn_locality):
+        for turn, locality_before in track(list(zip(self.turns, self.turn_locality)), f"{method} turns"):
             batch = self._batch(turn)
             t0 = time.perf_counter()
             editor.edit(batch["edit"].micro_batches)
