@@ -99,7 +99,7 @@ def run_edit(args: argparse.Namespace) -> None:
         general = GeneralCheck(ke.tokenizer, general_data, args.general_tasks or DEFAULT_TASKS,
                                args.general_limit or 200)
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
-                                  score=args.score, rounds=args.rounds,
+                                  score=args.score, rounds=args.rounds, examples=0 if args.score == "none" else 3,
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
                                                         args.refine_preserve, args.refine_at))
     _print_table(edit_report["summary"])

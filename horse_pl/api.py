@@ -23,12 +23,13 @@ from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch
 from horse_pl.data.records import EditRequest, RecordError
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
 from horse_pl.editing.editor import Refinement
-from horse_pl.editing.evaluate import edit_and_score
+from horse_pl.editing.evaluate import REPLAY_BYTES, edit_and_score
 from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
 from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
 from horse_pl.export import EditorLoadError, load_editor
 from horse_pl.generation import greedy_answers
 from horse_pl.io import first_line, write_atomic_dir, write_atomic_file
+from horse_pl.lm import lowest_layer, replayed_below
 from horse_pl.metrics import SCORE_NAMES
 from horse_pl.models import load_model, model_fingerprint
 from horse_pl.progress import task
@@ -164,10 +165,12 @@ class KnowledgeEditor:
 
     def _general(self, general: GeneralCheck, shifts: Sequence[torch.Tensor]) -> dict:
         start = time.perf_counter()
-        if general.before is None:
-            general.baseline(self.model)
-        with applied(self.modules, shifts):
-            after = general.score(self.model)
+        # a baseline scored here records the layers below the edit modules, which the edited pass then replays
+        with replayed_below(self.model, lowest_layer(self.model, self.modules), REPLAY_BYTES):
+            if general.before is None:
+                general.baseline(self.model)
+            with applied(self.modules, shifts):
+                after = general.score(self.model)
         self.timings["general"] = time.perf_counter() - start
         return {"before": general.before, "after": after, "retention": general.retention(after),
                 "tasks": general.task_table()}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ZSRE_EVAL
+from conftest import SHARED, ZSRE_EVAL
 
 from horse_pl.api import KnowledgeEditor, apply_delta
 from horse_pl.data.records import load_requests
@@ -226,6 +226,7 @@ def test_score_modes_score_less_and_edit_the_same(editor_dir, tmp_path, capsys):
     assert set(summaries["edit"]["after"]) == {"ES", "GS", "EM_edit", "EM_rephrase"} and not summaries["edit"]["before"]
     assert summaries["edit"]["after"]["ES"] == summaries["all"]["after"]["ES"]
     assert summaries["none"] == {"before": {}, "after": {}} and "not scored (--score none)" in out
+    assert not json.loads((tmp_path / "none" / "edit_report.json").read_text())["examples"]  # nothing generated
     assert "Not scored" in (tmp_path / "none" / "README.md").read_text()
     models = {m: load_model(str(tmp_path / m))[0].state_dict() for m in ("all", "none")}
     for name, value in models["all"].items():
@@ -282,3 +283,37 @@ def test_edit_py_shows_each_stage_s_progress_when_asked(editor_dir, tmp_path, ca
     assert edit_main(common + ["--out", str(tmp_path / "quiet")]) == 0
     err = capsys.readouterr().err
     assert "score after" not in err and "capture" not in err
+
+
+def test_editing_replays_the_layers_below_the_edit_modules_bit_for_bit(editor_dir, tmp_path, monkeypatch):
+    """Capture, refinement and scoring before and after the edit give bit for bit the shifts and scores of full
+    passes while the layers below the lowest edit module run once per input (horse_pl.lm.replayed_below)."""
+    import horse_pl.api as api
+    import horse_pl.editing.evaluate as evaluate
+    from horse_pl.editing.editor import Refinement
+    from horse_pl.lm import lowest_layer
+    from horse_pl.lm.replay import decoder_layers
+    from horse_pl.sequential.general import GeneralCheck
+
+    ke = KnowledgeEditor.from_pretrained(editor_dir / "editor")
+    requests, _ = load_requests(_requests_file(tmp_path, n=6))
+    first = lowest_layer(ke.model, ke.modules)
+    assert first > 0  # the tiny editor edits upper layers only
+    calls = []
+    next(decoder_layers(ke.model)[0].children()).register_forward_hook(lambda *_: calls.append(1))
+
+    def run():
+        calls.clear()
+        general = GeneralCheck(ke.tokenizer, SHARED / "general", ("open_domain_qa",), 8)
+        shifts, report = ke.edit(requests, max_length=1024, merge_shifts=False, examples=0, general=general,
+                                 refinement=Refinement(2, 0.5))
+        return shifts, report["summary"], report["requests"], report["general"], len(calls)
+
+    shifts, summary, per_request, general, replay_calls = run()
+    monkeypatch.setattr(api, "REPLAY_BYTES", 0)  # nothing recorded: every pass runs in full
+    monkeypatch.setattr(evaluate, "REPLAY_BYTES", 0)
+    full_shifts, full_summary, full_per_request, full_general, full_calls = run()
+    assert all(torch.equal(a, b) for a, b in zip(shifts, full_shifts))
+    assert summary == full_summary and per_request == full_per_request and general == full_general
+    assert general["after"] != general["before"]  # the edit changed what the general check scores
+    assert replay_calls < full_calls / 2, (replay_calls, full_calls)

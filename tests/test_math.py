@@ -491,8 +491,9 @@ def test_shared_prefix_runs_once_and_changes_no_result(tiny_models, kind, monkey
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_replayed_lower_layers_train_the_top_layer_bit_for_bit(tiny_models, kind):
     """Optimiser steps on the top layer's MLP projection with the layers below it replayed (FT-L's and MOSE's loop)
-    give the losses and weights of full passes, and skip those layers after the first step; a pass over a shared
-    prefix reads a key-value cache, so it runs in full."""
+    give the losses and weights of full passes, and skip those layers after the first step; under replay a batch
+    with a shared prefix runs whole (no key-value cache) and replays too, and the results stay close to the
+    prefix-sharing passes outside replay."""
     from horse_pl.data.tokenize import collate, tokenize_pairs
     from horse_pl.edit_modules import get_modules, layer_index, resolve_edit_modules
     from horse_pl.lm import answer_ce, replayed_below
@@ -516,12 +517,12 @@ def test_replayed_lower_layers_train_the_top_layer_bit_for_bit(tiny_models, kind
         next(layers[0].children()).register_forward_hook(lambda *_: calls.append(1))
     first = layer_index(name) if layers is not None else 0
 
-    def train(first_layer):
+    def train(first_layer, max_bytes=None):
         weight.data.copy_(start)
         weight.requires_grad_(True)
         optimiser, losses = torch.optim.SGD([weight], lr=0.5), []
         calls.clear()
-        with replayed_below(model, first_layer):
+        with replayed_below(model, first_layer, max_bytes):
             for _ in range(3):
                 optimiser.zero_grad()
                 loss = sum(answer_ce(model, mb) for mb in batches)
@@ -531,9 +532,12 @@ def test_replayed_lower_layers_train_the_top_layer_bit_for_bit(tiny_models, kind
         weight.requires_grad_(False)
         return losses, weight.detach().clone(), len(calls)
 
-    full_losses, full_weight, full_calls = train(0)
+    shared_losses, shared_weight, shared_calls = train(0)  # no replay: the template's prefix runs once per step
+    full_losses, full_weight, full_calls = train(first, max_bytes=0)  # replay mode, nothing recorded: full passes
     losses, trained, replay_calls = train(first)
     assert losses == full_losses and torch.equal(trained, full_weight) and not torch.equal(trained, start)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(shared_losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained, shared_weight, rtol=1e-5, atol=1e-6)
     if layers is not None:
-        # per step: the single row (replayed after step 1) and the template's pass (cached: always full)
-        assert full_calls >= 6 and replay_calls == full_calls - 2
+        # per step: the single row and the template's rows, each one pass; replayed after the first step
+        assert shared_calls == 9 and full_calls == 6 and replay_calls == 2

@@ -12,9 +12,12 @@ from horse_pl.data.batch import EditBatch
 from horse_pl.editing.editor import Editor, EditState, Refinement
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce
+from horse_pl.lm import lowest_layer, replayed_below
 from horse_pl.metrics import SequenceScores, compute_scores, score_batch
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
+
+REPLAY_BYTES = 2 * 2**30  # most bytes of lower-layer outputs an edit keeps for replay; later inputs run in full
 
 
 @dataclass
@@ -36,8 +39,18 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     :meth:`Editor.edit_in_rounds`), score ``views``
     unedited (or, without ``score_before``, only the locality view when it is among ``views``: LS_agree needs it)
     and with the shifts applied; no views, no scoring. The model is left unedited. ``timer`` receives the
-    seconds of capture, predict, spread, solve, score_before and score_after."""
+    seconds of capture, predict, spread, solve, score_before and score_after.
+
+    The decoder layers below the lowest edit module's run once per input: the capture pass and the unedited
+    scoring record their output, and the refinement steps and the edited scoring replay it
+    (:func:`horse_pl.lm.replayed_below`, up to :data:`REPLAY_BYTES`), so every result is bit for bit that of full
+    passes."""
     timer = StageTimer(next(lm.parameters()).device) if timer is None else timer
+    with replayed_below(lm, lowest_layer(lm, modules), REPLAY_BYTES):
+        return _edit_and_score(editor, lm, modules, batch, views, score_before, all_reduce, timer, rounds, refinement)
+
+
+def _edit_and_score(editor, lm, modules, batch, views, score_before, all_reduce, timer, rounds, refinement):
     state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer, refinement)
     views = tuple(v for v in views if batch.get(v))
     with timer("score_before"):

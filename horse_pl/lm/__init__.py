@@ -14,7 +14,7 @@ from horse_pl.lm.passes import (
     sequence_sums,
     unlanded_answer_ce,
 )
-from horse_pl.lm.replay import replayed_below
+from horse_pl.lm.replay import lowest_layer, replayed_below
 
 __all__ = ["answer_ce", "answer_logits", "group_answer_ce_sum", "group_answer_logits", "linear_cross_entropy",
-           "replayed_below", "sequence_sums", "unlanded_answer_ce"]
+           "lowest_layer", "replayed_below", "sequence_sums", "unlanded_answer_ce"]

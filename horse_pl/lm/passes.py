@@ -18,6 +18,7 @@ from horse_pl.data.tokenize import IGNORE_INDEX
 from horse_pl.lm.cross_entropy import capped_logits, linear_cross_entropy, softcap_of
 from horse_pl.lm.last_mlp import last_mlp_rows
 from horse_pl.lm.prefix import shared_prefix_length
+from horse_pl.lm.replay import replaying
 from horse_pl.lm.rows import row_groups
 
 
@@ -27,7 +28,9 @@ def _answer_hidden(model: nn.Module, group: dict[str, torch.Tensor], trim_last_m
     the last MLP runs at those positions only; with ``share_prefix``, a prefix common to all rows runs once)."""
     ids, mask, labels = group["input_ids"], group["attention_mask"], group["labels"]
     answer = labels != IGNORE_INDEX
-    prefix = shared_prefix_length(group) if share_prefix else 0
+    # under replay a whole row group's lower layers are recorded once and replayed, which saves far more than a
+    # prefix run once (and a pass through a key-value cache cannot be replayed)
+    prefix = shared_prefix_length(group) if share_prefix and not replaying(model) else 0
     cache = None
     if prefix:
         # the prefix's keys and values, computed once (its own last MLP output is never read)
