@@ -541,3 +541,27 @@ def test_replayed_lower_layers_train_the_top_layer_bit_for_bit(tiny_models, kind
     if layers is not None:
         # per step: the single row and the template's rows, each one pass; replayed after the first step
         assert shared_calls == 9 and full_calls == 6 and replay_calls == 2
+
+
+def test_a_replay_inside_another_must_not_change_what_the_outer_one_replays(tiny_llama):
+    """Nested replay blocks: the outer one serves an inner one that changes only layers it does not replay; an inner
+    block that would change a replayed layer (or cannot tell which layers it changes, first 0) is refused."""
+    from horse_pl.lm import lowest_layer, replayed_below
+    from horse_pl.lm.replay import decoder_layers, replaying
+    from horse_pl.models import load_model
+
+    model, _ = load_model(tiny_llama)
+    layers = decoder_layers(model)
+    top = len(layers) - 1
+    assert lowest_layer(model, [layers[top].mlp, layers[1].mlp]) == 1 and lowest_layer(model, [model.lm_head]) == 0
+    assert not replaying(model)
+    with replayed_below(model, 1):
+        assert replaying(model)
+        with replayed_below(model, top):
+            assert replaying(model)
+        with pytest.raises(RuntimeError, match="close the outer replay"), replayed_below(model, 0):
+            pass
+    with replayed_below(model, top):
+        with pytest.raises(RuntimeError, match="close the outer replay"), replayed_below(model, 1):
+            pass
+    assert not replaying(model)

@@ -23,7 +23,7 @@ from torch import nn
 
 from horse_pl.edit_modules import forward_replaced
 
-_ACTIVE = "_horse_pl_replaying"  # set on a model while a replay block is open
+_ACTIVE = "_horse_pl_replaying"  # the lowest replayed-from layer, set on a model while a replay block is open
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -34,7 +34,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 def replaying(model: nn.Module) -> bool:
     """Whether ``model`` is inside a :func:`replayed_below` block that replays."""
-    return getattr(model, _ACTIVE, False)
+    return bool(getattr(model, _ACTIVE, 0))
 
 
 def lowest_layer(model: nn.Module, modules: Sequence[nn.Module]) -> int:
@@ -51,12 +51,16 @@ def lowest_layer(model: nn.Module, modules: Sequence[nn.Module]) -> int:
 @contextmanager
 def replayed_below(model: nn.Module, first: int, max_bytes: int | None = None) -> Iterator[None]:
     """Inside the block, passes over an input already seen replay the output of the layers below ``first`` (see
-    the module's text). No effect where ``first`` is 0, the model's layers are not found, or the model is already
-    inside a replay block (the outer one serves). ``max_bytes`` caps the recorded outputs; inputs past the cap run
-    in full."""
+    the module's text). No effect where ``first`` is 0 or the model's layers are not found. Inside another block
+    the outer one serves, which is right only if it replays no layer the inner one changes: an inner ``first``
+    below the outer one's is refused. ``max_bytes`` caps the recorded outputs; inputs past the cap run in full."""
     layers = decoder_layers(model)
     recorded: dict[tuple, torch.Tensor] = {}
-    if not first or layers is None or first > len(layers) or getattr(model, _ACTIVE, False):
+    outer = getattr(model, _ACTIVE, 0)
+    if outer and first < outer:
+        raise RuntimeError(f"A replay of the layers below {outer} is open, but this block changes layer {first} or "
+                           "lower, which it would replay; close the outer replay first.")
+    if not first or layers is None or first > len(layers) or outer:
         yield
         return
     stored = [0]
@@ -89,7 +93,7 @@ def replayed_below(model: nn.Module, first: int, max_bytes: int | None = None) -
         return out
 
     with ExitStack() as stack:
-        setattr(model, _ACTIVE, True)
+        setattr(model, _ACTIVE, first)
         stack.callback(delattr, model, _ACTIVE)
         stack.callback(model.base_model.register_forward_pre_hook(note_input, with_kwargs=True).remove)
         for layer in layers[:first - 1]:
