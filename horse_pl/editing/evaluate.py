@@ -46,22 +46,19 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     (:func:`horse_pl.lm.replayed_below`, up to :data:`REPLAY_BYTES`), so every result is bit for bit that of full
     passes."""
     timer = StageTimer(next(lm.parameters()).device) if timer is None else timer
-    with replayed_below(lm, lowest_layer(lm, modules), REPLAY_BYTES):
-        return _edit_and_score(editor, lm, modules, batch, views, score_before, all_reduce, timer, rounds, refinement)
-
-
-def _edit_and_score(editor, lm, modules, batch, views, score_before, all_reduce, timer, rounds, refinement):
-    state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer, refinement)
     views = tuple(v for v in views if batch.get(v))
-    with timer("score_before"):
-        if score_before:
-            before = score_batch(lm, batch, views, "score before")
-            locality_before = before.get("locality")
-        else:
-            before = None
-            locality_before = (score_batch(lm, batch, ("locality",), "score before")["locality"]
-                               if "locality" in views else None)
-    with timer("score_after"), applied(modules, state.param_shifts):
-        after = score_batch(lm, batch, views, "score after")
+    with replayed_below(lm, lowest_layer(lm, modules), REPLAY_BYTES):
+        state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer,
+                                      refinement)
+        with timer("score_before"):
+            if score_before:
+                before = score_batch(lm, batch, views, "score before")
+                locality_before = before.get("locality")
+            else:
+                before = None
+                locality_before = (score_batch(lm, batch, ("locality",), "score before")["locality"]
+                                   if "locality" in views else None)
+        with timer("score_after"), applied(modules, state.param_shifts):
+            after = score_batch(lm, batch, views, "score after")
     values_before = compute_scores(before, locality_before) if before is not None else None
     return BatchResult(state, before, after, values_before, compute_scores(after, locality_before))
