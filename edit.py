@@ -106,8 +106,8 @@ def run_edit(args: argparse.Namespace) -> None:
     if "general" in edit_report:
         _print_general(edit_report["general"])
     for example in edit_report["examples"]:
-        print(f"{example['prompt']!r} -> {example['target']!r}:  before {example['before']!r}  "
-              f"after {example['after']!r}")
+        before = "" if example["before"] is None else f"before {example['before']!r}  "
+        print(f"{example['prompt']!r} -> {example['target']!r}:  {before}after {example['after']!r}")
     start = time.perf_counter()
     edit_report["timings"] = ke.timings
     edit_report["requests_file"] = {"path": str(args.requests), "sha256": file_sha256(args.requests)}

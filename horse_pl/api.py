@@ -121,7 +121,8 @@ class KnowledgeEditor:
              examples: int = 3, score: str = "all", rounds: int = 1,
              refinement: Refinement | None = None) -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
-        ``examples`` hold the greedy continuations of the first ``examples`` prompts before and after the edit.
+        ``examples`` hold the greedy continuations of the first ``examples`` prompts after the edit and, with ``score``
+        ``all``, before it (else ``before`` is None).
         ``score``: ``all`` (every view before and after), ``edit`` (the edit and rephrase prompts after the edit:
         ES, GS, EM) or ``none`` (no scoring, the edit alone). ``rounds > 1`` edits again on the edited model, each round
         about as strong as the first (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`). A ``refinement``
@@ -143,9 +144,11 @@ class KnowledgeEditor:
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         start = time.perf_counter()
         shown = list(requests[:examples])
-        before = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
+        # the unedited continuations belong to the scores before the edit, which only score "all" computes
+        before = (greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if score == "all"
+                  else [None] * len(shown))
         with applied(self.modules, result.state.param_shifts):
-            after = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length) if shown else []
+            after = greedy_answers(self.model, self.tokenizer, shown, max_length=max_length)
         self.timings["examples"] = time.perf_counter() - start
         if merge_shifts:
             start = time.perf_counter()

@@ -98,6 +98,7 @@ def edited_model_card(report: Mapping, config, base_model: str, editor_dir: str)
                         ("task", "before", "after", "retention"))
     if report.get("examples"):
         lines += ["", "## Examples (greedy continuations)", ""]
-        lines += _table([(repr(e["prompt"]), repr(e["target"]), repr(e["before"]), repr(e["after"]))
+        lines += _table([(repr(e["prompt"]), repr(e["target"]), "-" if e["before"] is None else repr(e["before"]),
+                          repr(e["after"]))
                          for e in report["examples"]], ("prompt", "target", "before", "after"))
     return "\n".join(lines) + "\n"

@@ -203,6 +203,9 @@ def test_exported_editor_and_edited_model_explain_themselves(editor_dir, tiny_ll
     edited, _ = load_model(str(out))
     shown, _ = load_requests(requests_path, limit=3)
     assert [e["before"] for e in examples] == greedy_answers(base, tokenizer, shown, max_length=1024)
+    # the prompts decode together, left-padded, as each would alone
+    assert greedy_answers(base, tokenizer, shown, max_length=1024) == [
+        greedy_answers(base, tokenizer, [r], max_length=1024)[0] for r in shown]
     assert [e["after"] for e in examples] == greedy_answers(edited, tokenizer, shown, max_length=1024)
     assert f"after {examples[0]['after']!r}" in printed
     card = (out / "README.md").read_text()
@@ -227,6 +230,11 @@ def test_score_modes_score_less_and_edit_the_same(editor_dir, tmp_path, capsys):
     assert summaries["edit"]["after"]["ES"] == summaries["all"]["after"]["ES"]
     assert summaries["none"] == {"before": {}, "after": {}} and "not scored (--score none)" in out
     assert not json.loads((tmp_path / "none" / "edit_report.json").read_text())["examples"]  # nothing generated
+    # without scores before the edit there are no continuations before it either; those after it are the same
+    examples = {m: json.loads((tmp_path / m / "edit_report.json").read_text())["examples"] for m in ("all", "edit")}
+    assert [e["before"] for e in examples["edit"]] == [None] * 3 and all(e["before"] for e in examples["all"])
+    assert [e["after"] for e in examples["edit"]] == [e["after"] for e in examples["all"]]
+    assert "| - |" in (tmp_path / "edit" / "README.md").read_text()
     assert "Not scored" in (tmp_path / "none" / "README.md").read_text()
     models = {m: load_model(str(tmp_path / m))[0].state_dict() for m in ("all", "none")}
     for name, value in models["all"].items():
