@@ -101,7 +101,8 @@ def run_edit(args: argparse.Namespace) -> None:
     shifts, edit_report = ke.edit(requests, batch_size=args.batch_size, max_length=args.max_length, general=general,
                                   score=args.score, rounds=args.rounds, examples=0 if args.score == "none" else 3,
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
-                                                        args.refine_preserve, args.refine_at))
+                                                        args.refine_preserve, args.refine_at,
+                                                        args.refine_prefixes))
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -330,6 +331,10 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-at", choices=REFINE_AT, default="all",
                    help="where the refined loss sees the shifts act: all positions (as the edit applies them; "
                         "default) or only the editor's key positions (MEMIT's value optimisation at the subject)")
+    p.add_argument("--refine-prefixes", type=_non_negative_int, default=0, metavar="C",
+                   help="the refined loss also reads every edit prompt behind C short texts the model writes "
+                        "(MEMIT's context prefixes, seeded), so the edit holds in other contexts; each adds one pass "
+                        "of the edit prompts per step (default 0: the prompts alone)")
 
 
 def _number(cast, ok, words: str):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch
+from horse_pl.data.prefixes import context_prefixes, with_prefixes
 from horse_pl.data.records import EditRequest, RecordError
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
 from horse_pl.editing.editor import Refinement
@@ -116,6 +117,16 @@ class KnowledgeEditor:
         batch = edit_batch(self.tokenizer, requests, EVAL_VIEWS, batch_size, max_length)
         return batch.to(self.device)
 
+    def context_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None, batch_size: int = 32,
+                        max_length: int = 256) -> list:
+        """The edit prompts behind ``refinement.prefixes`` context prefixes the model writes (seeded), as
+        micro-batches for the refinement to read beside the prompts themselves; none without prefixes."""
+        if not refinement or not refinement.prefixes:
+            return []
+        prefixes = context_prefixes(self.model, self.tokenizer, refinement.prefixes)
+        batch = edit_batch(self.tokenizer, with_prefixes(requests, prefixes), ("edit",), batch_size, max_length)
+        return batch.to(self.device)["edit"].micro_batches
+
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
              examples: int = 3, score: str = "all", rounds: int = 1,
@@ -134,13 +145,14 @@ class KnowledgeEditor:
             raise RecordError("There are no valid edit requests to apply.")
         start = time.perf_counter()
         batch = self.batches(requests, batch_size, max_length)
+        context = self.context_batches(requests, refinement, batch_size, max_length)
         self.timings["tokenize"] = time.perf_counter() - start
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
                                 score_before=score == "all",
                                 timer=StageTimer(self.device, self.timings), rounds=rounds,
-                                refinement=refinement)
+                                refinement=refinement, context_batches=context)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         start = time.perf_counter()
         shown = list(requests[:examples])

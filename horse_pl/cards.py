@@ -64,6 +64,8 @@ def refinement_text(refinement: Mapping) -> str:
         parts.append(f"preserve {refinement['preserve']:g}")
     if refinement.get("at", "all") != "all":
         parts.append(f"shifts seen at the {refinement['at']} positions only")
+    if refinement.get("prefixes"):
+        parts.append(f"the prompts also behind {refinement['prefixes']} context prefixes")
     return ", ".join(parts)
 
 

@@ -59,6 +59,7 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
     with pytest.raises(SystemExit, match="unknown editor option"):
         quality.main(["--editors", f"a={folder},mu=3", "--out", str(out)])
     assert quality.parse_editor(f"s={folder},scale=2") == ("s", editor_dir / "editor", {"scale": 2.0})
+    assert quality.parse_editor(f"p={folder},refine=2,refine_prefixes=3")[2] == {"refine": 2, "refine_prefixes": 3}
 
 
 def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):

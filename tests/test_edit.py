@@ -268,13 +268,24 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
     shift_names = [n for n in plain if "restore" not in n]
     assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
-    assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0, "at": "all"}
+    assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0, "at": "all",
+                                                "prefixes": 0}
     assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-at", "keys",
                                "--out", str(tmp_path / "keyed.safetensors")]) == 0
     keyed = load_file(tmp_path / "keyed.safetensors")
     assert any(not torch.equal(keyed[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "keyed.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"]["at"] == "keys"
+    # behind the model's own context prefixes as well: another edit, said in the report
+    assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-prefixes", "2",
+                               "--out", str(tmp_path / "prefixed.safetensors")]) == 0
+    prefixed = load_file(tmp_path / "prefixed.safetensors")
+    assert any(not torch.equal(prefixed[n], refined[n]) for n in shift_names)
+    report = json.loads((tmp_path / "prefixed.safetensors.edit_report.json").read_text())
+    assert report["settings"]["refinement"]["prefixes"] == 2
+    from horse_pl.cards import refinement_text
+
+    assert "2 context prefixes" in refinement_text(report["settings"]["refinement"])
 
 
 def test_edit_py_shows_each_stage_s_progress_when_asked(editor_dir, tmp_path, capsys):

@@ -98,6 +98,58 @@ def test_refining_the_residuals_lowers_the_edit_loss_through_the_solve(tiny_llam
         editor.refine(model, modules, micro_batches, state, Refinement(steps=1, preserve=1.0))
 
 
+def test_context_prefixes_are_the_model_s_own_seeded_texts_before_each_prompt(tiny_llama):
+    from horse_pl.data.prefixes import context_prefixes, with_prefixes
+    from horse_pl.data.records import EditRequest
+
+    model, tok = load_model(tiny_llama)
+    prefixes = context_prefixes(model, tok, 3, n_tokens=4)
+    assert len(prefixes) == 3 and all(p.endswith(".") and p.strip() for p in prefixes)
+    assert context_prefixes(model, tok, 3, n_tokens=4) == prefixes  # seeded: the same texts every time
+    assert context_prefixes(model, tok, 3, n_tokens=4, seed=1) != prefixes
+    assert context_prefixes(model, tok, 0) == []
+    torch.manual_seed(5)
+    drawn = torch.rand(1)
+    torch.manual_seed(5)
+    context_prefixes(model, tok, 1, n_tokens=2)
+    assert torch.equal(torch.rand(1), drawn)  # the caller's random stream is left as it was
+    with pytest.raises(ValueError, match="at least 0"):
+        context_prefixes(model, tok, -1)
+    requests = [EditRequest("a?", "x", subject="a"), EditRequest("b?", "y")]
+    placed = with_prefixes(requests, ["P.", "Q."])
+    assert [r.prompt for r in placed] == ["P. a?", "P. b?", "Q. a?", "Q. b?"]
+    assert [(r.target, r.subject) for r in placed] == [("x", "a"), ("y", None)] * 2
+
+
+def test_the_refined_loss_reads_the_context_batches_beside_the_edit_prompts(tiny_llama):
+    """``context_batches`` join the refined loss as more answer tokens of one mean: the edit prompts once more as
+    their own context give the refinement without them; prompts behind other texts move it."""
+    from horse_pl.data.prefixes import with_prefixes
+    from horse_pl.editing.update import JointClosedFormUpdate
+
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    model_tok = load_model(tiny_llama)[1]
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0, update=JointClosedFormUpdate())
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+    alone = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5))
+    twice = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5, prefixes=1),
+                          context_batches=micro_batches)
+    for got, want in zip(twice.param_shifts, alone.param_shifts):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
+    prefixed = edit_batch(model_tok, with_prefixes(requests, ["Once upon a time."]), ("edit",), batch_size=2,
+                          max_length=1024)["edit"].micro_batches
+    behind = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5, prefixes=1),
+                           context_batches=prefixed)
+    assert any((a - b).norm() > 1e-3 * b.norm() for a, b in zip(behind.param_shifts, alone.param_shifts))
+    with pytest.raises(ValueError, match="context_batches"):  # prefixes asked for, none given
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1, prefixes=2))
+    with pytest.raises(ValueError, match="context_batches"):  # given, not asked for
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1), context_batches=prefixed)
+    with pytest.raises(ValueError, match="at least 0"):
+        Refinement(steps=1, prefixes=-1)
+
+
 def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_llama):
     """``preserve``: the refined loss adds tr(dW^T C0 dW); with a large weight the refined shifts move unrelated keys'
     outputs (measured in C0) less than without it."""

@@ -44,6 +44,9 @@ class Refinement:
             or only the ``keys`` positions the editor captures its keys at (MEMIT's value optimisation: with a
             subject-keyed editor the loss can only be lowered through the subject's hidden state, not through the
             prompt's other words). The edit itself always applies the shifts everywhere.
+        prefixes: how many context prefixes (MEMIT's, :func:`horse_pl.data.prefixes.context_prefixes`) the refined
+            loss also reads every edit prompt behind, so the edit is fitted in other contexts than the prompt alone
+            (0: the edit prompts alone). Each adds one pass of the edit prompts per step.
     """
 
     steps: int = 0
@@ -51,6 +54,7 @@ class Refinement:
     target: float = 1.0
     preserve: float = 0.0
     at: str = "all"
+    prefixes: int = 0
 
     def __post_init__(self):
         if self.steps < 0:
@@ -61,6 +65,8 @@ class Refinement:
             raise ValueError(f"The refinement target must be a probability in (0, 1], not {self.target}.")
         if self.preserve < 0:
             raise ValueError(f"The refinement preserve weight must be at least 0, not {self.preserve}.")
+        if self.prefixes < 0:
+            raise ValueError(f"The refinement's context prefixes must be at least 0, not {self.prefixes}.")
         if self.at not in REFINE_AT:
             raise ValueError(f"The refinement's 'at' must be one of {list(REFINE_AT)}, not '{self.at}'.")
 
@@ -207,7 +213,7 @@ class Editor(nn.Module):
     def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState,
                refinement: Refinement, all_reduce: AllReduce = LOCAL,
                unrelated_moments: Sequence[torch.Tensor] | None = None,
-               applied_shifts: Sequence[torch.Tensor] | None = None) -> EditState:
+               applied_shifts: Sequence[torch.Tensor] | None = None, context_batches=()) -> EditState:
         """Refine the spread residuals by ``refinement.steps`` Adam steps on the edit prompts' cross-entropy with the
         solved shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve, from
         the hypernetwork's residuals. Each step is one forward + backward of the edit prompts; the gradient at the
@@ -217,9 +223,16 @@ class Editor(nn.Module):
         are ``C0`` except where a caller bound another preservation matrix, as lifelong editing does).
         ``applied_shifts`` (each module's (d_in, d_out), shifts the model already carries) makes the charge
         ``tr((A + dW)^T C0 (A + dW))``, the total output change since before ``A``: lifelong turns pass ``W - W0``, so a
-        turn pays for the drift it adds to the earlier turns' instead of only its own (an output-space norm anchor)."""
+        turn pays for the drift it adds to the earlier turns' instead of only its own (an output-space norm anchor).
+        ``context_batches``: micro-batches of the edit prompts behind context prefixes (``refinement.prefixes``), which
+        the refined loss reads beside the edit prompts themselves."""
         if not refinement:
             return state
+        if bool(refinement.prefixes) != bool(context_batches):
+            raise ValueError(f"A refinement with {refinement.prefixes} context prefixes needs the prefixed edit "
+                             "prompts as context_batches (and none without); KnowledgeEditor.context_batches builds "
+                             "them.")
+        micro_batches = list(micro_batches) + list(context_batches)
         n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         residuals = [r.detach().clone() for r in state.spread_residuals]
         optimiser = torch.optim.Adam([{"params": [r], "lr": refinement.lr * float(r.float().pow(2).mean().sqrt())
@@ -267,13 +280,14 @@ class Editor(nn.Module):
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
                        all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None,
-                       refinement: Refinement | None = None) -> EditState:
+                       refinement: Refinement | None = None, context_batches=()) -> EditState:
         """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied and adds
         its shifts to theirs. One round is :meth:`capture` + :meth:`param_shifts`. Each round is about as strong as
         the first (the hypernetwork normalises the value gradients it reads, and an edit's gradient stays large
         until it lands), so rounds add whole edits' shifts (docs/results: edit_quality_counterfact_dev_subject).
         The returned state holds the last round's keys and residuals and the summed ``param_shifts``. With a
-        ``refinement`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`)."""
+        ``refinement`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`), and on
+        ``context_batches``, the same prompts behind context prefixes."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {rounds}.")
         if refinement and rounds > 1:
@@ -286,7 +300,8 @@ class Editor(nn.Module):
             state = self.param_shifts(cap, all_reduce, timer=timer)
             if refinement:
                 with stage("refine"):
-                    state = self.refine(model, modules, micro_batches, state, refinement, all_reduce)
+                    state = self.refine(model, modules, micro_batches, state, refinement, all_reduce,
+                                        context_batches=context_batches)
             total = state.param_shifts if total is None else [t + s for t, s in zip(total, state.param_shifts)]
         state.param_shifts = total
         return state
