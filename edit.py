@@ -102,7 +102,8 @@ def run_edit(args: argparse.Namespace) -> None:
                                   score=args.score, rounds=args.rounds, examples=0 if args.score == "none" else 3,
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
                                                         args.refine_preserve, args.refine_at,
-                                                        args.refine_prefixes))
+                                                        args.refine_prefixes, args.refine_locality),
+                                  anchors=args.refine_locality_data, n_anchors=args.refine_locality_n)
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -335,6 +336,14 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                    help="the refined loss also reads every edit prompt behind C short texts the model writes "
                         "(MEMIT's context prefixes, seeded), so the edit holds in other contexts; each adds one pass "
                         "of the edit prompts per step (default 0: the prompts alone)")
+    p.add_argument("--refine-locality", type=_non_negative_float, default=0.0, metavar="W",
+                   help="weight of the mean KL divergence of unrelated questions' answer distributions (before the "
+                        "refinement to after) in the refined loss (MALMEN's locality loss, at edit time; default 0)")
+    p.add_argument("--refine-locality-data", metavar="FILE",
+                   help="records file whose locality questions --refine-locality keeps (default: the file the editor "
+                        "was trained on)")
+    p.add_argument("--refine-locality-n", type=_positive_int, default=512, metavar="N",
+                   help="how many of its first valid records' questions (default 512)")
 
 
 def _number(cast, ok, words: str):

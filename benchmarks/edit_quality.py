@@ -19,9 +19,10 @@ on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preser
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
 same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
 (every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
-[,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C]`` (K Adam steps on the residuals
-against the edit prompts' loss through the solve, with C the prompts behind C context prefixes the model writes:
-``horse_pl.editing.editor.Refinement``);
+[,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W]`` (K Adam
+steps on the residuals against the edit prompts' loss through the solve, with C the prompts behind C context prefixes
+the model writes, and W the KL locality term on the first ``--refine-locality-n`` locality questions of the editor's
+training file: ``horse_pl.editing.editor.Refinement``);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -56,21 +57,22 @@ SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "p
           "portability")
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
                   "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float,
-                  "refine_at": str, "refine_prefixes": int}
+                  "refine_at": str, "refine_prefixes": int, "refine_locality": float}
 REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve",
-              "refine_at": "at", "refine_prefixes": "prefixes"}
+              "refine_at": "at", "refine_prefixes": "prefixes", "refine_locality": "locality"}
 NOT_STAGE = ("update", "rounds", "scale", *REFINEMENT)  # editor options that are not update-stage arguments
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
     """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]
-    [,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C]``
-    -> (name, folder, options)."""
+    [,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C]
+    [,refine_locality=W]`` -> (name, folder, options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
                          "[,update=STAGE][,rounds=R][,scale=S][,refine=K][,refine_lr=X][,refine_target=P]"
-                         f"[,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C], not '{spec}'.")
+                         f"[,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W], "
+                         f"not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -192,11 +194,12 @@ def evaluate(args) -> dict:
             chosen = [requests[i] for i in order[:n]]
             batch = ke.batches(chosen, args.batch_size)
             context = ke.context_batches(chosen, refinement, args.batch_size)
+            anchor = ke.anchor_batches(refinement, n=args.refine_locality_n, batch_size=args.batch_size)
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timer=timer,
                                     rounds=overrides.get("rounds", 1), refinement=refinement,
-                                    context_batches=context)
+                                    context_batches=context, anchor_batches=anchor)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timer.seconds.get(k, 0.0) for k in ("capture", "predict", "spread", "solve",
                                                                           "refine"))
@@ -256,7 +259,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--editors", nargs="*",
                    help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]"
                         "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W]"
-                        "[,refine_at=all|keys][,refine_prefixes=C] (default: the recipes' editors)")
+                        "[,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W] (default: the recipes' "
+                        "editors)")
+    p.add_argument("--refine-locality-n", type=int, default=512,
+                   help="questions (the first valid records of the editor's training file) a refine_locality term "
+                        "keeps (default 512)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch
 from horse_pl.data.prefixes import context_prefixes, with_prefixes
-from horse_pl.data.records import EditRequest, RecordError
+from horse_pl.data.records import EditRequest, RecordError, load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
 from horse_pl.editing.editor import Refinement
 from horse_pl.editing.evaluate import REPLAY_BYTES, edit_and_score
@@ -127,10 +127,30 @@ class KnowledgeEditor:
         batch = edit_batch(self.tokenizer, with_prefixes(requests, prefixes), ("edit",), batch_size, max_length)
         return batch.to(self.device)["edit"].micro_batches
 
+    def anchor_batches(self, refinement: Refinement | None, path: str | Path | None = None, n: int = 512,
+                       batch_size: int = 32, max_length: int = 256) -> list:
+        """The locality questions of the first ``n`` valid records of ``path`` (default the file the editor was
+        trained on) with their answers, as micro-batches whose answers ``refinement.locality`` keeps; none without
+        it. Tune on records the anchors do not hold (the development split is the training file's end)."""
+        if not refinement or not refinement.locality:
+            return []
+        path = path or self.config.training.get("train_path")
+        if not path:
+            raise ValueError("The refinement's locality term needs a records file of unrelated questions; this "
+                             "editor names no training file, so pass one (--refine-locality-data FILE).")
+        records, _ = load_requests(path, skip_invalid=True, limit=n)
+        records = [r for r in records if r.locality_prompt and r.locality_answer]
+        if not records:
+            raise RecordError(f"'{path}' holds no records with a locality question and answer to keep; pass a "
+                              "records file that has them (--refine-locality-data FILE).")
+        batch = edit_batch(self.tokenizer, records, ("locality",), batch_size, max_length)
+        return batch.to(self.device)["locality"].micro_batches
+
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
              examples: int = 3, score: str = "all", rounds: int = 1,
-             refinement: Refinement | None = None) -> tuple[list[torch.Tensor], dict]:
+             refinement: Refinement | None = None, anchors: str | Path | None = None,
+             n_anchors: int = 512) -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts after the edit and, with ``score``
         ``all``, before it (else ``before`` is None).
@@ -138,7 +158,9 @@ class KnowledgeEditor:
         ES, GS, EM) or ``none`` (no scoring, the edit alone). ``rounds > 1`` edits again on the edited model, each round
         about as strong as the first (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`). A ``refinement``
         (:class:`horse_pl.editing.editor.Refinement`) refines the residuals by Adam steps on the edit prompts' loss
-        through the editor's own solve, each one forward + backward of the edit prompts (:meth:`Editor.refine`).
+        through the editor's own solve, each one forward + backward of the edit prompts (:meth:`Editor.refine`);
+        its locality term keeps the answers of the first ``n_anchors`` locality questions of ``anchors``
+        (:meth:`anchor_batches`).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
@@ -146,13 +168,14 @@ class KnowledgeEditor:
         start = time.perf_counter()
         batch = self.batches(requests, batch_size, max_length)
         context = self.context_batches(requests, refinement, batch_size, max_length)
+        anchor = self.anchor_batches(refinement, anchors, n_anchors, batch_size, max_length)
         self.timings["tokenize"] = time.perf_counter() - start
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
                                 score_before=score == "all",
                                 timer=StageTimer(self.device, self.timings), rounds=rounds,
-                                refinement=refinement, context_batches=context)
+                                refinement=refinement, context_batches=context, anchor_batches=anchor)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         start = time.perf_counter()
         shown = list(requests[:examples])

@@ -253,7 +253,7 @@ def test_edit_py_can_swap_in_the_joint_solve(editor_dir, tmp_path):
     assert "form" not in config.update_args  # the per-module solve's option does not carry over
 
 
-def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
+def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     """--refine K: K Adam steps on the residuals through the editor's own solve; the edit report and the model card
     say so, and the edit differs from the hypernetwork's one step."""
     requests_path = _requests_file(tmp_path, n=4)
@@ -269,7 +269,7 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
     assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0, "at": "all",
-                                                "prefixes": 0}
+                                                "prefixes": 0, "locality": 0.0}
     assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-at", "keys",
                                "--out", str(tmp_path / "keyed.safetensors")]) == 0
     keyed = load_file(tmp_path / "keyed.safetensors")
@@ -286,6 +286,22 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path):
     from horse_pl.cards import refinement_text
 
     assert "2 context prefixes" in refinement_text(report["settings"]["refinement"])
+    # keeping unrelated questions' answers (the locality questions of a records file): another edit, said too
+    assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-locality", "10",
+                               "--refine-locality-data", str(requests_path), "--refine-locality-n", "3",
+                               "--out", str(tmp_path / "kept.safetensors")]) == 0
+    kept = load_file(tmp_path / "kept.safetensors")
+    assert any(not torch.equal(kept[n], refined[n]) for n in shift_names)
+    report = json.loads((tmp_path / "kept.safetensors.edit_report.json").read_text())
+    assert report["settings"]["refinement"]["locality"] == 10.0
+    assert "locality 10" in refinement_text(report["settings"]["refinement"])
+    no_questions = tmp_path / "no_questions.json"
+    no_questions.write_text(json.dumps([{"src": "Who?", "alt": "Me", "rephrase": "Who then?"}]))
+    capsys.readouterr()
+    assert edit_main(common + ["--refine", "1", "--refine-locality", "1", "--refine-locality-data", str(no_questions),
+                               "--out", str(tmp_path / "never.safetensors")]) == 2
+    assert "no_questions.json' holds no records with a locality question" in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists()
 
 
 def test_edit_py_shows_each_stage_s_progress_when_asked(editor_dir, tmp_path, capsys):

@@ -150,6 +150,40 @@ def test_the_refined_loss_reads_the_context_batches_beside_the_edit_prompts(tiny
         Refinement(steps=1, prefixes=-1)
 
 
+def test_the_refinement_s_locality_term_keeps_the_unrelated_answers_distributions(tiny_llama):
+    """``Refinement.locality``: the KL from the anchors' answer distributions before the refinement to those after it
+    joins the refined loss; a strong weight keeps them closer than none, and each needs its anchors."""
+    import torch.nn.functional as F
+
+    from horse_pl.editing.update import JointClosedFormUpdate
+    from horse_pl.lm.passes import answer_logits
+
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    tok = load_model(tiny_llama)[1]
+    requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=12)
+    anchors = edit_batch(tok, requests[4:], ("locality",), batch_size=4, max_length=1024)["locality"].micro_batches
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0, update=JointClosedFormUpdate())
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+
+    def drift(shifts) -> float:
+        with torch.no_grad():
+            before = [torch.log_softmax(answer_logits(model, mb)[0], -1) for mb in anchors]
+            with applied(modules, shifts):
+                return sum(float(F.kl_div(torch.log_softmax(answer_logits(model, mb)[0], -1), b, log_target=True,
+                                          reduction="sum")) for mb, b in zip(anchors, before))
+
+    free = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
+    kept = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, locality=1e5),
+                         anchor_batches=anchors)
+    assert drift(kept.param_shifts) < 0.5 * drift(free.param_shifts)
+    with pytest.raises(ValueError, match="anchor_batches"):
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1, locality=1.0))
+    with pytest.raises(ValueError, match="anchor_batches"):
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1), anchor_batches=anchors)
+    with pytest.raises(ValueError, match="at least 0"):
+        Refinement(steps=1, locality=-1.0)
+
+
 def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_llama):
     """``preserve``: the refined loss adds tr(dW^T C0 dW); with a large weight the refined shifts move unrelated keys'
     outputs (measured in C0) less than without it."""

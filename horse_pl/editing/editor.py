@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
@@ -21,7 +22,7 @@ from horse_pl.editing.shifts import applied, applied_at
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
-from horse_pl.lm.passes import unlanded_answer_ce
+from horse_pl.lm.passes import answer_logits, unlanded_answer_ce
 from horse_pl.progress import track
 from horse_pl.reduction import LOCAL
 from horse_pl.timing import StageTimer
@@ -47,6 +48,9 @@ class Refinement:
         prefixes: how many context prefixes (MEMIT's, :func:`horse_pl.data.prefixes.context_prefixes`) the refined
             loss also reads every edit prompt behind, so the edit is fitted in other contexts than the prompt alone
             (0: the edit prompts alone). Each adds one pass of the edit prompts per step.
+        locality: weight of the mean KL divergence from the unrelated answers' distributions before the refinement
+            to those with the refined shifts, at the answer tokens of unrelated questions (``anchor_batches``;
+            MALMEN's locality loss, at edit time; 0: none). Adds one pass of those questions per step.
     """
 
     steps: int = 0
@@ -55,6 +59,7 @@ class Refinement:
     preserve: float = 0.0
     at: str = "all"
     prefixes: int = 0
+    locality: float = 0.0
 
     def __post_init__(self):
         if self.steps < 0:
@@ -65,6 +70,8 @@ class Refinement:
             raise ValueError(f"The refinement target must be a probability in (0, 1], not {self.target}.")
         if self.preserve < 0:
             raise ValueError(f"The refinement preserve weight must be at least 0, not {self.preserve}.")
+        if self.locality < 0:
+            raise ValueError(f"The refinement locality weight must be at least 0, not {self.locality}.")
         if self.prefixes < 0:
             raise ValueError(f"The refinement's context prefixes must be at least 0, not {self.prefixes}.")
         if self.at not in REFINE_AT:
@@ -213,7 +220,8 @@ class Editor(nn.Module):
     def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState,
                refinement: Refinement, all_reduce: AllReduce = LOCAL,
                unrelated_moments: Sequence[torch.Tensor] | None = None,
-               applied_shifts: Sequence[torch.Tensor] | None = None, context_batches=()) -> EditState:
+               applied_shifts: Sequence[torch.Tensor] | None = None, context_batches=(),
+               anchor_batches=()) -> EditState:
         """Refine the spread residuals by ``refinement.steps`` Adam steps on the edit prompts' cross-entropy with the
         solved shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve, from
         the hypernetwork's residuals. Each step is one forward + backward of the edit prompts; the gradient at the
@@ -225,14 +233,21 @@ class Editor(nn.Module):
         ``tr((A + dW)^T C0 (A + dW))``, the total output change since before ``A``: lifelong turns pass ``W - W0``, so a
         turn pays for the drift it adds to the earlier turns' instead of only its own (an output-space norm anchor).
         ``context_batches``: micro-batches of the edit prompts behind context prefixes (``refinement.prefixes``), which
-        the refined loss reads beside the edit prompts themselves."""
+        the refined loss reads beside the edit prompts themselves. ``anchor_batches``: micro-batches of unrelated
+        questions with their answers, whose answer distributions ``refinement.locality`` keeps."""
         if not refinement:
             return state
         if bool(refinement.prefixes) != bool(context_batches):
             raise ValueError(f"A refinement with {refinement.prefixes} context prefixes needs the prefixed edit "
                              "prompts as context_batches (and none without); KnowledgeEditor.context_batches builds "
                              "them.")
+        if bool(refinement.locality) != bool(anchor_batches):
+            raise ValueError(f"A refinement with locality {refinement.locality} needs unrelated questions as "
+                             "anchor_batches (and none without); KnowledgeEditor.anchor_batches builds them.")
         micro_batches = list(micro_batches) + list(context_batches)
+        with torch.no_grad():  # the answer distributions the locality term keeps: the model as the refinement found it
+            reference = [torch.log_softmax(answer_logits(model, mb)[0], -1) for mb in anchor_batches]
+        n_anchor_tokens = sum(int(r.shape[0]) for r in reference)
         n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         residuals = [r.detach().clone() for r in state.spread_residuals]
         optimiser = torch.optim.Adam([{"params": [r], "lr": refinement.lr * float(r.float().pow(2).mean().sqrt())
@@ -265,6 +280,11 @@ class Editor(nn.Module):
             with torch.enable_grad(), nullcontext() if keyed else applied(modules, shifts):
                 for mb in micro_batches:
                     unlanded_answer_ce(model, mb, refinement.target, around if keyed else None).div(n_tokens).backward()
+            with torch.enable_grad(), applied(modules, shifts):
+                for mb, kept in zip(anchor_batches, reference):
+                    log_probs = torch.log_softmax(answer_logits(model, mb)[0], -1)
+                    drift = F.kl_div(log_probs, kept, log_target=True, reduction="sum")
+                    drift.mul(refinement.locality / n_anchor_tokens).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
                 shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach() + a)
@@ -280,14 +300,14 @@ class Editor(nn.Module):
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
                        all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None,
-                       refinement: Refinement | None = None, context_batches=()) -> EditState:
+                       refinement: Refinement | None = None, context_batches=(), anchor_batches=()) -> EditState:
         """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied and adds
         its shifts to theirs. One round is :meth:`capture` + :meth:`param_shifts`. Each round is about as strong as
         the first (the hypernetwork normalises the value gradients it reads, and an edit's gradient stays large
         until it lands), so rounds add whole edits' shifts (docs/results: edit_quality_counterfact_dev_subject).
         The returned state holds the last round's keys and residuals and the summed ``param_shifts``. With a
         ``refinement`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`), and on
-        ``context_batches``, the same prompts behind context prefixes."""
+        ``context_batches``, the same prompts behind context prefixes, keeping ``anchor_batches``' answers."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {rounds}.")
         if refinement and rounds > 1:
@@ -301,7 +321,7 @@ class Editor(nn.Module):
             if refinement:
                 with stage("refine"):
                     state = self.refine(model, modules, micro_batches, state, refinement, all_reduce,
-                                        context_batches=context_batches)
+                                        context_batches=context_batches, anchor_batches=anchor_batches)
             total = state.param_shifts if total is None else [t + s for t, s in zip(total, state.param_shifts)]
         state.param_shifts = total
         return state

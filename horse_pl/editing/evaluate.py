@@ -34,10 +34,10 @@ class BatchResult:
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: EditBatch,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
                    timer: StageTimer | None = None, rounds: int = 1,
-                   refinement: Refinement | None = None, context_batches=()) -> BatchResult:
+                   refinement: Refinement | None = None, context_batches=(), anchor_batches=()) -> BatchResult:
     """Compute the shifts of ``batch["edit"]`` (in ``rounds``, or refined by ``refinement``:
     :meth:`Editor.edit_in_rounds`; ``context_batches``, the edit prompts behind context prefixes, for the
-    refinement to read too), score ``views``
+    refinement to read too; ``anchor_batches``, unrelated questions whose answers it keeps), score ``views``
     unedited (or, without ``score_before``, only the locality view when it is among ``views``: LS_agree needs it)
     and with the shifts applied; no views, no scoring. The model is left unedited. ``timer`` receives the
     seconds of capture, predict, spread, solve, score_before and score_after.
@@ -50,7 +50,7 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     views = tuple(v for v in views if batch.get(v))
     with replayed_below(lm, lowest_layer(lm, modules), REPLAY_BYTES):
         state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer,
-                                      refinement, context_batches)
+                                      refinement, context_batches, anchor_batches)
         with timer("score_before"):
             if score_before:
                 before = score_batch(lm, batch, views, "score before")
