@@ -343,7 +343,7 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                    help="records file whose locality questions --refine-locality keeps (default: the file the editor "
                         "was trained on)")
     p.add_argument("--refine-locality-n", type=_positive_int, default=512, metavar="N",
-                   help="how many of its first valid records' questions (default 512)")
+                   help="read the questions of the valid records among its first N (default 512)")
 
 
 def _number(cast, ok, words: str):

@@ -262,8 +262,8 @@ def parser() -> argparse.ArgumentParser:
                         "[,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W] (default: the recipes' "
                         "editors)")
     p.add_argument("--refine-locality-n", type=int, default=512,
-                   help="questions (the first valid records of the editor's training file) a refine_locality term "
-                        "keeps (default 512)")
+                   help="a refine_locality term keeps the questions of the valid records among the first N of the "
+                        "editor's training file (default 512)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

@@ -129,9 +129,9 @@ class KnowledgeEditor:
 
     def anchor_batches(self, refinement: Refinement | None, path: str | Path | None = None, n: int = 512,
                        batch_size: int = 32, max_length: int = 256) -> list:
-        """The locality questions of the first ``n`` valid records of ``path`` (default the file the editor was
-        trained on) with their answers, as micro-batches whose answers ``refinement.locality`` keeps; none without
-        it. Tune on records the anchors do not hold (the development split is the training file's end)."""
+        """The locality questions of the valid records among the first ``n`` of ``path`` (default the file the editor
+        was trained on) with their answers, as micro-batches whose answers ``refinement.locality`` keeps; none
+        without it. Tune on records the anchors do not hold (the development split is the training file's end)."""
         if not refinement or not refinement.locality:
             return []
         path = path or self.config.training.get("train_path")

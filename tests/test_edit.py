@@ -296,7 +296,7 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     assert report["settings"]["refinement"]["locality"] == 10.0
     assert "locality 10" in refinement_text(report["settings"]["refinement"])
     no_questions = tmp_path / "no_questions.json"
-    no_questions.write_text(json.dumps([{"src": "Who?", "alt": "Me", "rephrase": "Who then?"}]))
+    no_questions.write_text(json.dumps([{"prompt": "Who made X?", "target": " Me"}]))
     capsys.readouterr()
     assert edit_main(common + ["--refine", "1", "--refine-locality", "1", "--refine-locality-data", str(no_questions),
                                "--out", str(tmp_path / "never.safetensors")]) == 2
