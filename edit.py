@@ -102,8 +102,10 @@ def run_edit(args: argparse.Namespace) -> None:
                                   score=args.score, rounds=args.rounds, examples=0 if args.score == "none" else 3,
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
                                                         args.refine_preserve, args.refine_at,
-                                                        args.refine_prefixes, args.refine_locality),
-                                  anchors=args.refine_locality_data, n_anchors=args.refine_locality_n)
+                                                        args.refine_prefixes, args.refine_locality,
+                                                        args.refine_general),
+                                  anchors=args.refine_locality_data, n_anchors=args.refine_locality_n,
+                                  n_texts=args.refine_general_n)
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -344,6 +346,12 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "was trained on)")
     p.add_argument("--refine-locality-n", type=_positive_int, default=512, metavar="N",
                    help="read the questions of the valid records among its first N (default 512)")
+    p.add_argument("--refine-general", type=_non_negative_float, default=0.0, metavar="W",
+                   help="weight of the mean KL divergence of plain texts' next-token distributions (before the "
+                        "refinement to after, at every token) in the refined loss: the general data's preservation "
+                        "texts, none of them among those perplexity is measured on (default 0)")
+    p.add_argument("--refine-general-n", type=_positive_int, default=64, metavar="N",
+                   help="read the first N preservation texts (default 64)")
 
 
 def _number(cast, ok, words: str):

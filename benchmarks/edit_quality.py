@@ -19,10 +19,12 @@ on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preser
 ``,ridge_per_row=C`` / ``,update=STAGE`` (e.g. ``joint_closed_form``) overriding its update stage (the
 same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
 (every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
-[,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W]`` (K Adam
+[,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W]
+[,refine_general=W]`` (K Adam
 steps on the residuals against the edit prompts' loss through the solve, with C the prompts behind C context prefixes
-the model writes, and W the KL locality term on the first ``--refine-locality-n`` locality questions of the editor's
-training file: ``horse_pl.editing.editor.Refinement``);
+the model writes, W the KL locality term on the first ``--refine-locality-n`` locality questions of the editor's
+training file, and ``refine_general`` the KL term on the next tokens of ``--refine-general-n`` preservation texts:
+``horse_pl.editing.editor.Refinement``);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -57,22 +59,22 @@ SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "p
           "portability")
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
                   "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float,
-                  "refine_at": str, "refine_prefixes": int, "refine_locality": float}
+                  "refine_at": str, "refine_prefixes": int, "refine_locality": float,
+                  "refine_general": float}
 REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve",
-              "refine_at": "at", "refine_prefixes": "prefixes", "refine_locality": "locality"}
+              "refine_at": "at", "refine_prefixes": "prefixes", "refine_locality": "locality",
+              "refine_general": "general"}
 NOT_STAGE = ("update", "rounds", "scale", *REFINEMENT)  # editor options that are not update-stage arguments
+EDITOR_SYNTAX = ("NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]"
+                 "[,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys]"
+                 "[,refine_prefixes=C][,refine_locality=W][,refine_general=W]")
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
-    """``NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]
-    [,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C]
-    [,refine_locality=W]`` -> (name, folder, options)."""
+    """An editor given as :data:`EDITOR_SYNTAX` -> (name, folder, options)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise SystemExit("error: --editors takes NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C]"
-                         "[,update=STAGE][,rounds=R][,scale=S][,refine=K][,refine_lr=X][,refine_target=P]"
-                         f"[,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W], "
-                         f"not '{spec}'.")
+        raise SystemExit(f"error: --editors takes {EDITOR_SYNTAX}, not '{spec}'.")
     folder, *options = rest.split(",")
     overrides = {}
     for option in options:
@@ -193,13 +195,13 @@ def evaluate(args) -> dict:
             start = time.perf_counter()
             chosen = [requests[i] for i in order[:n]]
             batch = ke.batches(chosen, args.batch_size)
-            context = ke.context_batches(chosen, refinement, args.batch_size)
-            anchor = ke.anchor_batches(refinement, n=args.refine_locality_n, batch_size=args.batch_size)
+            extra = ke.refinement_batches(chosen, refinement, n_anchors=args.refine_locality_n,
+                                          n_texts=args.refine_general_n, batch_size=args.batch_size)
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timer=timer,
                                     rounds=overrides.get("rounds", 1), refinement=refinement,
-                                    context_batches=context, anchor_batches=anchor)
+                                    refinement_batches=extra)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
             row["edit_seconds"] = sum(timer.seconds.get(k, 0.0) for k in ("capture", "predict", "spread", "solve",
                                                                           "refine"))
@@ -257,13 +259,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
-                   help="NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R]"
-                        "[,scale=S][,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W]"
-                        "[,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W] (default: the recipes' "
-                        "editors)")
+                   help=f"{EDITOR_SYNTAX} (default: the recipes' editors)")
     p.add_argument("--refine-locality-n", type=int, default=512,
                    help="a refine_locality term keeps the questions of the valid records among the first N of the "
                         "editor's training file (default 512)")
+    p.add_argument("--refine-general-n", type=int, default=64,
+                   help="a refine_general term keeps the next-token distributions of the first N preservation texts "
+                        "of --general-data (default 64)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

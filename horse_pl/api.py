@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch
+from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch, text_batches
 from horse_pl.data.prefixes import context_prefixes, with_prefixes
 from horse_pl.data.records import EditRequest, RecordError, load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
-from horse_pl.editing.editor import Refinement
+from horse_pl.editing.editor import Refinement, RefinementBatches
 from horse_pl.editing.evaluate import REPLAY_BYTES, edit_and_score
-from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation
+from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation, preservation_texts
 from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
 from horse_pl.export import EditorLoadError, load_editor
 from horse_pl.generation import greedy_answers
@@ -81,6 +81,7 @@ class KnowledgeEditor:
         self.timings: dict[str, float] = {}
         self.fingerprints: tuple[str | None, str | None] = (None, None)  # (before, after) the last merge
         self._originals: list[torch.Tensor] | None = None  # edit modules' weights before the last merge
+        self.general_data = DEFAULT_GENERAL_DATA  # the folder of the preservation texts (C0, the refinement's texts)
 
     @classmethod
     def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
@@ -104,6 +105,7 @@ class KnowledgeEditor:
         bind_preservation(editor, lm, tokenizer, config.edit_modules, general_data,
                           preserve_facts_data or config.training.get("preserve_facts_data"))
         instance = cls(editor.to(device), config, lm, tokenizer, name)
+        instance.general_data = general_data
         instance.timings["load"] = time.perf_counter() - start
         return instance
 
@@ -146,11 +148,34 @@ class KnowledgeEditor:
         batch = edit_batch(self.tokenizer, records, ("locality",), batch_size, max_length)
         return batch.to(self.device)["locality"].micro_batches
 
+    def text_batches(self, refinement: Refinement | None, n: int = 64, max_length: int = 128) -> list:
+        """The first ``n`` preservation texts (dialogue summaries and answered questions from the general data,
+        none of them among the texts perplexity is measured on) as micro-batches labelled at every token, whose
+        next-token distributions ``refinement.general`` keeps; none without it."""
+        if not refinement or not refinement.general:
+            return []
+        if not self.general_data:
+            raise ValueError("The refinement's general term reads the general data's preservation texts, but no "
+                             "general data folder was given; pass --general-data FOLDER (the folder with "
+                             "model_editing_hurt/, default ../shared/data/general).")
+        return [{k: v.to(self.device) for k, v in mb.items()}
+                for mb in text_batches(self.tokenizer, preservation_texts(self.general_data, n), max_length=max_length)]
+
+    def refinement_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None,
+                           anchors: str | Path | None = None, n_anchors: int = 512, n_texts: int = 64,
+                           batch_size: int = 32, max_length: int = 256) -> RefinementBatches:
+        """Everything ``refinement`` reads beside the edit prompts of ``requests``: :meth:`context_batches`,
+        :meth:`anchor_batches` (the first ``n_anchors`` records of ``anchors``) and :meth:`text_batches` (``n_texts``
+        texts); empty without a refinement."""
+        return RefinementBatches(self.context_batches(requests, refinement, batch_size, max_length),
+                                 self.anchor_batches(refinement, anchors, n_anchors, batch_size, max_length),
+                                 self.text_batches(refinement, n_texts))
+
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,
              examples: int = 3, score: str = "all", rounds: int = 1,
              refinement: Refinement | None = None, anchors: str | Path | None = None,
-             n_anchors: int = 512) -> tuple[list[torch.Tensor], dict]:
+             n_anchors: int = 512, n_texts: int = 64) -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts after the edit and, with ``score``
         ``all``, before it (else ``before`` is None).
@@ -159,23 +184,22 @@ class KnowledgeEditor:
         about as strong as the first (:meth:`horse_pl.editing.editor.Editor.edit_in_rounds`). A ``refinement``
         (:class:`horse_pl.editing.editor.Refinement`) refines the residuals by Adam steps on the edit prompts' loss
         through the editor's own solve, each one forward + backward of the edit prompts (:meth:`Editor.refine`);
-        its locality term keeps the answers of the first ``n_anchors`` locality questions of ``anchors``
-        (:meth:`anchor_batches`).
+        its locality term keeps the answers of the first ``n_anchors`` locality questions of ``anchors``, its general
+        term the next-token distributions of ``n_texts`` texts (:meth:`refinement_batches`).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
             raise RecordError("There are no valid edit requests to apply.")
         start = time.perf_counter()
         batch = self.batches(requests, batch_size, max_length)
-        context = self.context_batches(requests, refinement, batch_size, max_length)
-        anchor = self.anchor_batches(refinement, anchors, n_anchors, batch_size, max_length)
+        extra = self.refinement_batches(requests, refinement, anchors, n_anchors, n_texts, batch_size, max_length)
         self.timings["tokenize"] = time.perf_counter() - start
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")
         result = edit_and_score(self.editor, self.model, self.modules, batch, SCORE_MODES[score],
                                 score_before=score == "all",
                                 timer=StageTimer(self.device, self.timings), rounds=rounds,
-                                refinement=refinement, context_batches=context, anchor_batches=anchor)
+                                refinement=refinement, refinement_batches=extra)
         general_report = self._general(general, result.state.param_shifts) if general is not None else None
         start = time.perf_counter()
         shown = list(requests[:examples])

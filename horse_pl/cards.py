@@ -68,6 +68,8 @@ def refinement_text(refinement: Mapping) -> str:
         parts.append(f"the prompts also behind {refinement['prefixes']} context prefixes")
     if refinement.get("locality"):
         parts.append(f"KL locality {refinement['locality']:g} on unrelated questions")
+    if refinement.get("general"):
+        parts.append(f"KL {refinement['general']:g} on plain text's next tokens")
     return ", ".join(parts)
 
 

@@ -44,10 +44,12 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
     quality = _load("edit_quality")
     out = tmp_path / "quality.json"
     folder = str(editor_dir / "editor")
-    assert quality.main(["--dataset", "zsre", "--editors", f"a={folder}", f"b={folder}", "--n", "4", "8",
+    assert quality.main(["--dataset", "zsre", "--editors", f"a={folder}", f"b={folder}",
+                         f"r={folder},refine=2,refine_general=1", "--refine-general-n", "4", "--n", "4", "8",
                          "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["unedited"]) == {"4", "8"} and set(report["editors"]) == {"a", "b"}
+    assert set(report["unedited"]) == {"4", "8"} and set(report["editors"]) == {"a", "b", "r"}
+    assert report["editors"]["r"]["refinement"]["general"] == 1.0 and report["editors"]["r"]["4"]["ES"] >= 0
     # the same editor twice gives the same scores: nothing leaks from one editor's run into the next
     for n in ("4", "8"):
         a, b = ({k: v for k, v in report["editors"][e][n].items() if k in quality.SCORES} for e in "ab")
@@ -60,6 +62,7 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
         quality.main(["--editors", f"a={folder},mu=3", "--out", str(out)])
     assert quality.parse_editor(f"s={folder},scale=2") == ("s", editor_dir / "editor", {"scale": 2.0})
     assert quality.parse_editor(f"p={folder},refine=2,refine_prefixes=3")[2] == {"refine": 2, "refine_prefixes": 3}
+    assert quality.parse_editor(f"g={folder},refine=2,refine_general=0.5")[2] == {"refine": 2, "refine_general": 0.5}
 
 
 def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):

@@ -269,7 +269,7 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0, "at": "all",
-                                                "prefixes": 0, "locality": 0.0}
+                                                "prefixes": 0, "locality": 0.0, "general": 0.0}
     assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-at", "keys",
                                "--out", str(tmp_path / "keyed.safetensors")]) == 0
     keyed = load_file(tmp_path / "keyed.safetensors")
@@ -301,6 +301,19 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     assert edit_main(common + ["--refine", "1", "--refine-locality", "1", "--refine-locality-data", str(no_questions),
                                "--out", str(tmp_path / "never.safetensors")]) == 2
     assert "no_questions.json' holds no records with a locality question" in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists()
+    # keeping plain text's next-token distributions (the general data's preservation texts): another edit, said too
+    assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-general", "10",
+                               "--refine-general-n", "4", "--out", str(tmp_path / "general.safetensors")]) == 0
+    general = load_file(tmp_path / "general.safetensors")
+    assert any(not torch.equal(general[n], refined[n]) for n in shift_names)
+    report = json.loads((tmp_path / "general.safetensors.edit_report.json").read_text())
+    assert report["settings"]["refinement"]["general"] == 10.0
+    assert "KL 10 on plain text" in refinement_text(report["settings"]["refinement"])
+    capsys.readouterr()
+    assert edit_main(common + ["--refine", "1", "--refine-general", "1", "--general-data", "none",
+                               "--out", str(tmp_path / "never.safetensors")]) == 2
+    assert "pass --general-data FOLDER" in capsys.readouterr().err
     assert not (tmp_path / "never.safetensors").exists()
 
 

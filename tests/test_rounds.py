@@ -8,7 +8,7 @@ from conftest import small_zsre
 from horse_pl.data.batch import edit_batch
 from horse_pl.data.records import load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out, weight_shape
-from horse_pl.editing.editor import Editor, Refinement
+from horse_pl.editing.editor import Editor, Refinement, RefinementBatches
 from horse_pl.editing.shifts import applied
 from horse_pl.models import load_model
 
@@ -133,55 +133,68 @@ def test_the_refined_loss_reads_the_context_batches_beside_the_edit_prompts(tiny
     state = editor.param_shifts(editor.capture(model, modules, micro_batches))
     alone = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5))
     twice = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5, prefixes=1),
-                          context_batches=micro_batches)
+                          batches=RefinementBatches(context=micro_batches))
     for got, want in zip(twice.param_shifts, alone.param_shifts):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
     requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=4)
     prefixed = edit_batch(model_tok, with_prefixes(requests, ["Once upon a time."]), ("edit",), batch_size=2,
                           max_length=1024)["edit"].micro_batches
     behind = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5, prefixes=1),
-                           context_batches=prefixed)
+                           batches=RefinementBatches(context=prefixed))
     assert any((a - b).norm() > 1e-3 * b.norm() for a, b in zip(behind.param_shifts, alone.param_shifts))
-    with pytest.raises(ValueError, match="context_batches"):  # prefixes asked for, none given
+    with pytest.raises(ValueError, match="RefinementBatches.context"):  # prefixes asked for, none given
         editor.refine(model, modules, micro_batches, state, Refinement(steps=1, prefixes=2))
-    with pytest.raises(ValueError, match="context_batches"):  # given, not asked for
-        editor.refine(model, modules, micro_batches, state, Refinement(steps=1), context_batches=prefixed)
+    with pytest.raises(ValueError, match="RefinementBatches.context"):  # given, not asked for
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1),
+                      batches=RefinementBatches(context=prefixed))
     with pytest.raises(ValueError, match="at least 0"):
         Refinement(steps=1, prefixes=-1)
 
 
-def test_the_refinement_s_locality_term_keeps_the_unrelated_answers_distributions(tiny_llama):
-    """``Refinement.locality``: the KL from the anchors' answer distributions before the refinement to those after it
-    joins the refined loss; a strong weight keeps them closer than none, and each needs its anchors."""
+@pytest.mark.parametrize("term", ["locality", "general"])
+def test_the_refinement_s_kl_terms_keep_the_unrelated_distributions(tiny_llama, term):
+    """``Refinement.locality`` / ``general``: the KL from the distributions before the refinement to those after it, at
+    the answers of unrelated questions (anchors) or at every token of plain text (texts), joins the refined loss; a
+    strong weight keeps them closer than none, and each term needs its batches."""
     import torch.nn.functional as F
 
+    from horse_pl.data.batch import text_batches
     from horse_pl.editing.update import JointClosedFormUpdate
     from horse_pl.lm.passes import answer_logits
 
     model, modules, micro_batches = _setup(tiny_llama, 4, 2)
     tok = load_model(tiny_llama)[1]
     requests, _ = load_requests(small_zsre()[0], "zsre", skip_invalid=True, limit=12)
-    anchors = edit_batch(tok, requests[4:], ("locality",), batch_size=4, max_length=1024)["locality"].micro_batches
+    if term == "locality":
+        kept_batches = edit_batch(tok, requests[4:], ("locality",), batch_size=4,
+                                  max_length=1024)["locality"].micro_batches
+        given = RefinementBatches(anchors=kept_batches)
+    else:
+        kept_batches = text_batches(tok, ["The river runs past the old mill and into the sea.",
+                                          "Question: who wrote it?\nAnswer: a friend of hers", ""], batch_size=2)
+        assert sum(int(mb["input_ids"].shape[0]) for mb in kept_batches) == 2  # an empty text has nothing to predict
+        given = RefinementBatches(texts=kept_batches)
     editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0, update=JointClosedFormUpdate())
     state = editor.param_shifts(editor.capture(model, modules, micro_batches))
 
     def drift(shifts) -> float:
         with torch.no_grad():
-            before = [torch.log_softmax(answer_logits(model, mb)[0], -1) for mb in anchors]
+            before = [torch.log_softmax(answer_logits(model, mb)[0], -1) for mb in kept_batches]
             with applied(modules, shifts):
                 return sum(float(F.kl_div(torch.log_softmax(answer_logits(model, mb)[0], -1), b, log_target=True,
-                                          reduction="sum")) for mb, b in zip(anchors, before))
+                                          reduction="sum")) for mb, b in zip(kept_batches, before))
 
     free = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
-    kept = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, locality=1e5),
-                         anchor_batches=anchors)
+    kept = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, **{term: 1e5}),
+                         batches=given)
     assert drift(kept.param_shifts) < 0.5 * drift(free.param_shifts)
-    with pytest.raises(ValueError, match="anchor_batches"):
-        editor.refine(model, modules, micro_batches, state, Refinement(steps=1, locality=1.0))
-    with pytest.raises(ValueError, match="anchor_batches"):
-        editor.refine(model, modules, micro_batches, state, Refinement(steps=1), anchor_batches=anchors)
+    field = "anchors" if term == "locality" else "texts"
+    with pytest.raises(ValueError, match=f"RefinementBatches.{field}"):
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1, **{term: 1.0}))
+    with pytest.raises(ValueError, match=f"RefinementBatches.{field}"):
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1), batches=given)
     with pytest.raises(ValueError, match="at least 0"):
-        Refinement(steps=1, locality=-1.0)
+        Refinement(steps=1, **{term: -1.0})
 
 
 def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_llama):

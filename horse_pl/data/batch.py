@@ -164,3 +164,15 @@ def edit_batch(tokenizer, requests: Sequence[EditRequest], views: Sequence[str] 
     """All ``requests`` as one edit batch (tokenised and collated)."""
     table = tokenize_requests(tokenizer, requests, views, max_length, where=where)
     return EditCollator(views, batch_size, tokenizer.pad_token_id)([table[i] for i in range(len(table))])
+
+
+def text_batches(tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> list[MicroBatch]:
+    """Plain ``texts`` (each cut to ``max_length`` tokens) as right-padded micro-batches labelled at every token, each
+    token labelling the position before it, in length order; texts of fewer than two tokens are left out."""
+    examples = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) > 1:
+            examples.append(Tokenized(ids[:-1], ids[1:]))
+    examples.sort(key=lambda e: len(e.input_ids))
+    return [collate(examples[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(examples), batch_size)]

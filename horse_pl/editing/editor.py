@@ -49,8 +49,13 @@ class Refinement:
             loss also reads every edit prompt behind, so the edit is fitted in other contexts than the prompt alone
             (0: the edit prompts alone). Each adds one pass of the edit prompts per step.
         locality: weight of the mean KL divergence from the unrelated answers' distributions before the refinement
-            to those with the refined shifts, at the answer tokens of unrelated questions (``anchor_batches``;
-            MALMEN's locality loss, at edit time; 0: none). Adds one pass of those questions per step.
+            to those with the refined shifts, at the answer tokens of unrelated questions
+            (``RefinementBatches.anchors``; MALMEN's locality loss, at edit time; 0: none). Adds one pass of those
+            questions per step.
+        general: weight of the mean KL divergence from the next-token distributions of plain text before the
+            refinement to those with the refined shifts, at every token of the texts (``RefinementBatches.texts``;
+            a function-space anchor for the model's general language, where ``preserve`` anchors the edit modules'
+            outputs; 0: none). Adds one pass of those texts per step.
     """
 
     steps: int = 0
@@ -60,6 +65,7 @@ class Refinement:
     at: str = "all"
     prefixes: int = 0
     locality: float = 0.0
+    general: float = 0.0
 
     def __post_init__(self):
         if self.steps < 0:
@@ -72,6 +78,8 @@ class Refinement:
             raise ValueError(f"The refinement preserve weight must be at least 0, not {self.preserve}.")
         if self.locality < 0:
             raise ValueError(f"The refinement locality weight must be at least 0, not {self.locality}.")
+        if self.general < 0:
+            raise ValueError(f"The refinement general weight must be at least 0, not {self.general}.")
         if self.prefixes < 0:
             raise ValueError(f"The refinement's context prefixes must be at least 0, not {self.prefixes}.")
         if self.at not in REFINE_AT:
@@ -79,6 +87,31 @@ class Refinement:
 
     def __bool__(self) -> bool:
         return self.steps > 0
+
+
+@dataclass(frozen=True)
+class RefinementBatches:
+    """What a :class:`Refinement` reads beside the edit prompts, as micro-batches
+    (``KnowledgeEditor.refinement_batches`` builds them): ``context``, the edit prompts behind context prefixes (for
+    ``prefixes``); ``anchors``, unrelated questions with their answers (for ``locality``); ``texts``, plain text
+    labelled at every token (for ``general``)."""
+
+    context: Sequence = ()
+    anchors: Sequence = ()
+    texts: Sequence = ()
+
+    def check(self, refinement: Refinement) -> None:
+        """A one-sentence error where a term is asked for without its batches, or batches come without their term."""
+        for name, setting, batches in (("context", refinement.prefixes, self.context),
+                                       ("anchors", refinement.locality, self.anchors),
+                                       ("texts", refinement.general, self.texts)):
+            if bool(setting) != bool(batches):
+                raise ValueError(f"RefinementBatches.{name} must be given exactly when the refinement asks for them "
+                                 f"(here {setting}, with {len(batches)} micro-batches); "
+                                 "KnowledgeEditor.refinement_batches builds them.")
+
+
+NO_BATCHES = RefinementBatches()
 
 
 @dataclass
@@ -220,8 +253,8 @@ class Editor(nn.Module):
     def refine(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, state: EditState,
                refinement: Refinement, all_reduce: AllReduce = LOCAL,
                unrelated_moments: Sequence[torch.Tensor] | None = None,
-               applied_shifts: Sequence[torch.Tensor] | None = None, context_batches=(),
-               anchor_batches=()) -> EditState:
+               applied_shifts: Sequence[torch.Tensor] | None = None,
+               batches: RefinementBatches = NO_BATCHES) -> EditState:
         """Refine the spread residuals by ``refinement.steps`` Adam steps on the edit prompts' cross-entropy with the
         solved shifts applied: test-time value optimisation (MEMIT's ``v*``) through this editor's own solve, from
         the hypernetwork's residuals. Each step is one forward + backward of the edit prompts; the gradient at the
@@ -232,22 +265,16 @@ class Editor(nn.Module):
         ``applied_shifts`` (each module's (d_in, d_out), shifts the model already carries) makes the charge
         ``tr((A + dW)^T C0 (A + dW))``, the total output change since before ``A``: lifelong turns pass ``W - W0``, so a
         turn pays for the drift it adds to the earlier turns' instead of only its own (an output-space norm anchor).
-        ``context_batches``: micro-batches of the edit prompts behind context prefixes (``refinement.prefixes``), which
-        the refined loss reads beside the edit prompts themselves. ``anchor_batches``: micro-batches of unrelated
-        questions with their answers, whose answer distributions ``refinement.locality`` keeps."""
+        ``batches``: what the prefixes, locality and general terms read (:class:`RefinementBatches`)."""
         if not refinement:
             return state
-        if bool(refinement.prefixes) != bool(context_batches):
-            raise ValueError(f"A refinement with {refinement.prefixes} context prefixes needs the prefixed edit "
-                             "prompts as context_batches (and none without); KnowledgeEditor.context_batches builds "
-                             "them.")
-        if bool(refinement.locality) != bool(anchor_batches):
-            raise ValueError(f"A refinement with locality {refinement.locality} needs unrelated questions as "
-                             "anchor_batches (and none without); KnowledgeEditor.anchor_batches builds them.")
-        micro_batches = list(micro_batches) + list(context_batches)
-        with torch.no_grad():  # the answer distributions the locality term keeps: the model as the refinement found it
-            reference = [torch.log_softmax(answer_logits(model, mb)[0], -1) for mb in anchor_batches]
-        n_anchor_tokens = sum(int(r.shape[0]) for r in reference)
+        batches.check(refinement)
+        micro_batches = list(micro_batches) + list(batches.context)
+        # the distributions the locality and general terms keep: the model's as the refinement found it
+        kept = [(group, weight) for group, weight in ((batches.anchors, refinement.locality),
+                                                      (batches.texts, refinement.general)) if weight]
+        with torch.no_grad():
+            references = [[torch.log_softmax(answer_logits(model, mb)[0], -1) for mb in group] for group, _ in kept]
         n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         residuals = [r.detach().clone() for r in state.spread_residuals]
         optimiser = torch.optim.Adam([{"params": [r], "lr": refinement.lr * float(r.float().pow(2).mean().sqrt())
@@ -281,10 +308,12 @@ class Editor(nn.Module):
                 for mb in micro_batches:
                     unlanded_answer_ce(model, mb, refinement.target, around if keyed else None).div(n_tokens).backward()
             with torch.enable_grad(), applied(modules, shifts):
-                for mb, kept in zip(anchor_batches, reference):
-                    log_probs = torch.log_softmax(answer_logits(model, mb)[0], -1)
-                    drift = F.kl_div(log_probs, kept, log_target=True, reduction="sum")
-                    drift.mul(refinement.locality / n_anchor_tokens).backward()
+                for (group, weight), reference in zip(kept, references):
+                    n_kept = sum(int(r.shape[0]) for r in reference)
+                    for mb, before in zip(group, reference):
+                        log_probs = torch.log_softmax(answer_logits(model, mb)[0], -1)
+                        drift = F.kl_div(log_probs, before, log_target=True, reduction="sum")
+                        drift.mul(weight / n_kept).backward()
             shift_grads = [all_reduce(s.grad) for s in shifts]
             if refinement.preserve:  # d/dW of preserve * tr(dW^T C0 dW): the mean squared change on unrelated keys
                 shift_grads = [g + 2 * refinement.preserve * (c0.to(g.dtype) @ s.detach() + a)
@@ -300,14 +329,15 @@ class Editor(nn.Module):
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
                        all_reduce: AllReduce = LOCAL, timer: StageTimer | None = None,
-                       refinement: Refinement | None = None, context_batches=(), anchor_batches=()) -> EditState:
+                       refinement: Refinement | None = None,
+                       refinement_batches: RefinementBatches = NO_BATCHES) -> EditState:
         """Edit ``rounds`` times: each round captures on the model with the earlier rounds' shifts applied and adds
         its shifts to theirs. One round is :meth:`capture` + :meth:`param_shifts`. Each round is about as strong as
         the first (the hypernetwork normalises the value gradients it reads, and an edit's gradient stays large
         until it lands), so rounds add whole edits' shifts (docs/results: edit_quality_counterfact_dev_subject).
         The returned state holds the last round's keys and residuals and the summed ``param_shifts``. With a
-        ``refinement`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`), and on
-        ``context_batches``, the same prompts behind context prefixes, keeping ``anchor_batches``' answers."""
+        ``refinement`` (one round only) the residuals are refined on the edit prompts (:meth:`refine`), reading
+        ``refinement_batches`` beside them."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, not {rounds}.")
         if refinement and rounds > 1:
@@ -321,7 +351,7 @@ class Editor(nn.Module):
             if refinement:
                 with stage("refine"):
                     state = self.refine(model, modules, micro_batches, state, refinement, all_reduce,
-                                        context_batches=context_batches, anchor_batches=anchor_batches)
+                                        batches=refinement_batches)
             total = state.param_shifts if total is None else [t + s for t, s in zip(total, state.param_shifts)]
         state.param_shifts = total
         return state

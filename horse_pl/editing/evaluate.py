@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from horse_pl.data.batch import EditBatch
-from horse_pl.editing.editor import Editor, EditState, Refinement
+from horse_pl.editing.editor import NO_BATCHES, Editor, EditState, Refinement, RefinementBatches
 from horse_pl.editing.shifts import applied
 from horse_pl.editing.spread import AllReduce
 from horse_pl.lm import lowest_layer, replayed_below
@@ -34,10 +34,10 @@ class BatchResult:
 def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], batch: EditBatch,
                    views: Sequence[str], score_before: bool = True, all_reduce: AllReduce = LOCAL,
                    timer: StageTimer | None = None, rounds: int = 1,
-                   refinement: Refinement | None = None, context_batches=(), anchor_batches=()) -> BatchResult:
-    """Compute the shifts of ``batch["edit"]`` (in ``rounds``, or refined by ``refinement``:
-    :meth:`Editor.edit_in_rounds`; ``context_batches``, the edit prompts behind context prefixes, for the
-    refinement to read too; ``anchor_batches``, unrelated questions whose answers it keeps), score ``views``
+                   refinement: Refinement | None = None,
+                   refinement_batches: RefinementBatches = NO_BATCHES) -> BatchResult:
+    """Compute the shifts of ``batch["edit"]`` (in ``rounds``, or refined by ``refinement``, which reads
+    ``refinement_batches`` beside the edit prompts: :meth:`Editor.edit_in_rounds`), score ``views``
     unedited (or, without ``score_before``, only the locality view when it is among ``views``: LS_agree needs it)
     and with the shifts applied; no views, no scoring. The model is left unedited. ``timer`` receives the
     seconds of capture, predict, spread, solve, score_before and score_after.
@@ -50,7 +50,7 @@ def edit_and_score(editor: Editor, lm: nn.Module, modules: Sequence[nn.Module], 
     views = tuple(v for v in views if batch.get(v))
     with replayed_below(lm, lowest_layer(lm, modules), REPLAY_BYTES):
         state = editor.edit_in_rounds(lm, modules, batch["edit"].micro_batches, rounds, all_reduce, timer,
-                                      refinement, context_batches, anchor_batches)
+                                      refinement, refinement_batches)
         with timer("score_before"):
             if score_before:
                 before = score_batch(lm, batch, views, "score before")
