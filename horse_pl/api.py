@@ -119,6 +119,10 @@ class KnowledgeEditor:
         batch = edit_batch(self.tokenizer, requests, EVAL_VIEWS, batch_size, max_length)
         return batch.to(self.device)
 
+    def _view_batches(self, requests: Sequence[EditRequest], view: str, batch_size: int, max_length: int) -> list:
+        """One view of ``requests`` as micro-batches on the model's device."""
+        return edit_batch(self.tokenizer, requests, (view,), batch_size, max_length).to(self.device)[view].micro_batches
+
     def context_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None, batch_size: int = 32,
                         max_length: int = 256) -> list:
         """The edit prompts behind ``refinement.prefixes`` context prefixes the model writes (seeded), as
@@ -126,8 +130,7 @@ class KnowledgeEditor:
         if not refinement or not refinement.prefixes:
             return []
         prefixes = context_prefixes(self.model, self.tokenizer, refinement.prefixes)
-        batch = edit_batch(self.tokenizer, with_prefixes(requests, prefixes), ("edit",), batch_size, max_length)
-        return batch.to(self.device)["edit"].micro_batches
+        return self._view_batches(with_prefixes(requests, prefixes), "edit", batch_size, max_length)
 
     def anchor_batches(self, refinement: Refinement | None, path: str | Path | None = None, n: int = 512,
                        batch_size: int = 32, max_length: int = 256) -> list:
@@ -145,8 +148,7 @@ class KnowledgeEditor:
         if not records:
             raise RecordError(f"'{path}' holds no records with a locality question and answer to keep; pass a "
                               "records file that has them (--refine-locality-data FILE).")
-        batch = edit_batch(self.tokenizer, records, ("locality",), batch_size, max_length)
-        return batch.to(self.device)["locality"].micro_batches
+        return self._view_batches(records, "locality", batch_size, max_length)
 
     def text_batches(self, refinement: Refinement | None, n: int = 64, max_length: int = 128) -> list:
         """The first ``n`` preservation texts (dialogue summaries and answered questions from the general data,
