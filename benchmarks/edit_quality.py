@@ -286,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for option in ("refine_locality_n", "refine_general_n"):
+        if getattr(args, option) < 1:
+            raise SystemExit(f"error: --{option.replace('_', '-')} must be at least 1, not {getattr(args, option)}.")
     command = "python benchmarks/edit_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     from horse_pl.progress import shown
 

@@ -60,6 +60,8 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
         quality.main(["--editors", folder, "--out", str(out)])
     with pytest.raises(SystemExit, match="unknown editor option"):
         quality.main(["--editors", f"a={folder},mu=3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--refine-general-n must be at least 1, not 0"):
+        quality.main(["--editors", f"a={folder}", "--refine-general-n", "0", "--out", str(out)])
     assert quality.parse_editor(f"s={folder},scale=2") == ("s", editor_dir / "editor", {"scale": 2.0})
     assert quality.parse_editor(f"p={folder},refine=2,refine_prefixes=3")[2] == {"refine": 2, "refine_prefixes": 3}
     assert quality.parse_editor(f"g={folder},refine=2,refine_general=0.5")[2] == {"refine": 2, "refine_general": 0.5}
