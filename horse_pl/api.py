@@ -150,7 +150,8 @@ class KnowledgeEditor:
                               "records file that has them (--refine-locality-data FILE).")
         return self._view_batches(records, "locality", batch_size, max_length)
 
-    def text_batches(self, refinement: Refinement | None, n: int = 64, max_length: int = 128) -> list:
+    def text_batches(self, refinement: Refinement | None, n: int = 64, batch_size: int = 16,
+                     max_length: int = 128) -> list:
         """The first ``n`` preservation texts (dialogue summaries and answered questions from the general data,
         none of them among the texts perplexity is measured on) as micro-batches labelled at every token, whose
         next-token distributions ``refinement.general`` keeps; none without it."""
@@ -160,8 +161,9 @@ class KnowledgeEditor:
             raise ValueError("The refinement's general term reads the general data's preservation texts, but no "
                              "general data folder was given; pass --general-data FOLDER (the folder with "
                              "model_editing_hurt/, default ../shared/data/general).")
+        texts = preservation_texts(self.general_data, n)
         return [{k: v.to(self.device) for k, v in mb.items()}
-                for mb in text_batches(self.tokenizer, preservation_texts(self.general_data, n), max_length=max_length)]
+                for mb in text_batches(self.tokenizer, texts, batch_size, max_length)]
 
     def refinement_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None,
                            anchors: str | Path | None = None, n_anchors: int = 512, n_texts: int = 64,
@@ -171,7 +173,7 @@ class KnowledgeEditor:
         texts); empty without a refinement."""
         return RefinementBatches(self.context_batches(requests, refinement, batch_size, max_length),
                                  self.anchor_batches(refinement, anchors, n_anchors, batch_size, max_length),
-                                 self.text_batches(refinement, n_texts))
+                                 self.text_batches(refinement, n_texts, batch_size))
 
     def edit(self, requests: Sequence[EditRequest], batch_size: int = 32, max_length: int = 256,
              merge_shifts: bool = True, general: GeneralCheck | None = None,

@@ -365,3 +365,14 @@ def test_editing_replays_the_layers_below_the_edit_modules_bit_for_bit(editor_di
     assert summary == full_summary and per_request == full_per_request and general == full_general
     assert general["after"] != general["before"]  # the edit changed what the general check scores
     assert replay_calls < full_calls / 2, (replay_calls, full_calls)
+
+
+def test_the_refinement_s_texts_come_in_the_caller_s_batch_size(editor_dir, tmp_path):
+    """``refinement_batches(batch_size=B)`` batches the general term's texts B at a time, as it does the prompts."""
+    from horse_pl.editing.editor import Refinement
+
+    ke = KnowledgeEditor.from_pretrained(editor_dir / "editor")
+    requests, _ = load_requests(_requests_file(tmp_path, n=4))
+    for size in (3, 8):
+        texts = ke.refinement_batches(requests, Refinement(1, general=1.0), n_texts=8, batch_size=size).texts
+        assert [int(mb["input_ids"].shape[0]) for mb in texts] == ([3, 3, 2] if size == 3 else [8])
