@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from horse_pl.data.batch import EVAL_VIEWS, EditBatch, edit_batch, text_batches
+from horse_pl.data.batch import EVAL_VIEWS, EditBatch, View, edit_batch, text_batches
 from horse_pl.data.prefixes import context_prefixes, with_prefixes
 from horse_pl.data.records import EditRequest, RecordError, load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
@@ -162,8 +162,7 @@ class KnowledgeEditor:
                              "general data folder was given; pass --general-data FOLDER (the folder with "
                              "model_editing_hurt/, default ../shared/data/general).")
         texts = preservation_texts(self.general_data, n)
-        return [{k: v.to(self.device) for k, v in mb.items()}
-                for mb in text_batches(self.tokenizer, texts, batch_size, max_length)]
+        return View(text_batches(self.tokenizer, texts, batch_size, max_length)).to(self.device).micro_batches
 
     def refinement_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None,
                            anchors: str | Path | None = None, n_anchors: int = 512, n_texts: int = 64,
