@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from horse_pl.api import KnowledgeEditor, apply_delta, read_delta, save_model
+from horse_pl.arguments import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from horse_pl.cards import edited_model_card
 from horse_pl.data.records import FORMATS, RecordError, file_sha256, find_conflicts, hold_out_dev, load_requests
 from horse_pl.data.tokenize import TokenizationError
@@ -316,60 +317,42 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "modules together")
     p.add_argument("--ridge-per-row", type=float, default=None,
                    help="extra ridge c N growing with the N key rows (default: the editor's)")
-    p.add_argument("--rounds", type=_positive_int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="edit this many times, each round on the model the earlier ones edited (default 1); every "
                         "round is about as strong as the first, so more rounds can break the model: measure first")
-    p.add_argument("--refine", type=_non_negative_int, default=0, metavar="K",
+    p.add_argument("--refine", type=non_negative_int, default=0, metavar="K",
                    help="refine the editor's residuals by K Adam steps on the edit prompts' loss through its own solve "
                         "(test-time value optimisation; each step one forward + backward of the edit prompts; "
                         "default 0: the hypernetwork's one step)")
-    p.add_argument("--refine-lr", type=_positive_float, default=0.1,
+    p.add_argument("--refine-lr", type=positive_float, default=0.1,
                    help="Adam rate of --refine, relative to the RMS of each module's first residuals (default 0.1)")
-    p.add_argument("--refine-target", type=_probability, default=1.0,
+    p.add_argument("--refine-target", type=probability, default=1.0,
                    help="a request whose answer reaches this probability (geometric mean over its tokens) stops "
                         "pulling the residuals (default 1: every request pulls for all K steps)")
-    p.add_argument("--refine-preserve", type=_non_negative_float, default=0.0,
+    p.add_argument("--refine-preserve", type=non_negative_float, default=0.0,
                    help="weight of the mean squared output change on unrelated text's keys (the preservation term's "
                         "C0) in the refined loss (default 0)")
     p.add_argument("--refine-at", choices=REFINE_AT, default="all",
                    help="where the refined loss sees the shifts act: all positions (as the edit applies them; "
                         "default) or only the editor's key positions (MEMIT's value optimisation at the subject)")
-    p.add_argument("--refine-prefixes", type=_non_negative_int, default=0, metavar="C",
+    p.add_argument("--refine-prefixes", type=non_negative_int, default=0, metavar="C",
                    help="the refined loss also reads every edit prompt behind C short texts the model writes "
                         "(MEMIT's context prefixes, seeded), so the edit holds in other contexts; each adds one pass "
                         "of the edit prompts per step (default 0: the prompts alone)")
-    p.add_argument("--refine-locality", type=_non_negative_float, default=0.0, metavar="W",
+    p.add_argument("--refine-locality", type=non_negative_float, default=0.0, metavar="W",
                    help="weight of the mean KL divergence of unrelated questions' answer distributions (before the "
                         "refinement to after) in the refined loss (MALMEN's locality loss, at edit time; default 0)")
     p.add_argument("--refine-locality-data", metavar="FILE",
                    help="records file whose locality questions --refine-locality keeps (default: the file the editor "
                         "was trained on)")
-    p.add_argument("--refine-locality-n", type=_positive_int, default=512, metavar="N",
+    p.add_argument("--refine-locality-n", type=positive_int, default=512, metavar="N",
                    help="read the questions of the valid records among its first N (default 512)")
-    p.add_argument("--refine-general", type=_non_negative_float, default=0.0, metavar="W",
+    p.add_argument("--refine-general", type=non_negative_float, default=0.0, metavar="W",
                    help="weight of the mean KL divergence of plain texts' next-token distributions (before the "
                         "refinement to after, at every token) in the refined loss: the general data's preservation "
                         "texts, none of them among those perplexity is measured on (default 0)")
-    p.add_argument("--refine-general-n", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--refine-general-n", type=positive_int, default=64, metavar="N",
                    help="read the first N preservation texts (default 64)")
-
-
-def _number(cast, ok, words: str):
-    """An argparse type: ``cast`` the text and keep it when ``ok(value)``, else say it ``must be {words}``."""
-    def parse(text: str):
-        value = cast(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {words}, not {text}")
-        return value
-    parse.__name__ = cast.__name__  # argparse's "invalid int value: 'x'" for text that is no number
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
-_non_negative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
-_non_negative_float = _number(float, lambda v: v >= 0, "a number of at least 0")
-_positive_float = _number(float, lambda v: v > 0, "a number above 0")
-_probability = _number(float, lambda v: 0 < v <= 1, "a probability above 0 and at most 1")
 
 
 def _delta_parser(p: argparse.ArgumentParser) -> None:

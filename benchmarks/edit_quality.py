@@ -50,6 +50,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import provenance, pyplot, save_figure, write_json  # noqa: E402
 
+from horse_pl.arguments import positive_int  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
 DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zsre_train_10k.json.gz"),
         "counterfact": (SHARED / "counterfact" / "counterfact_eval_10k.json.gz",
@@ -260,10 +262,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
                    help=f"{EDITOR_SYNTAX} (default: the recipes' editors)")
-    p.add_argument("--refine-locality-n", type=int, default=512,
+    p.add_argument("--refine-locality-n", type=positive_int, default=512,
                    help="a refine_locality term keeps the questions of the valid records among the first N of the "
                         "editor's training file (default 512)")
-    p.add_argument("--refine-general-n", type=int, default=64,
+    p.add_argument("--refine-general-n", type=positive_int, default=64,
                    help="a refine_general term keeps the next-token distributions of the first N preservation texts "
                         "of --general-data (default 64)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
@@ -286,9 +288,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for option in ("refine_locality_n", "refine_general_n"):
-        if getattr(args, option) < 1:
-            raise SystemExit(f"error: --{option.replace('_', '-')} must be at least 1, not {getattr(args, option)}.")
     command = "python benchmarks/edit_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     from horse_pl.progress import shown
 

@@ -25,6 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import provenance, pyplot, save_figure, write_json  # noqa: E402
 
+from horse_pl.arguments import positive_int  # noqa: E402
+
 SCORES = ("efficacy", "paraphrase", "neighborhood", "ES", "GS", "LS", "LS_agree")
 
 
@@ -94,15 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="sequential recipe (configs/sequential/) with the methods to compare")
     p.add_argument("--shapes", nargs="+", default=["200x1", "100x10", "10x100"],
                    help="TURNSxREQUESTS_PER_TURN, each one run (default 200x1 100x10 10x100)")
-    p.add_argument("--max-requests", type=int, default=None,
+    p.add_argument("--max-requests", type=positive_int, default=None,
                    help="cap each shape at this many requests: fewer turns of the same size (default: no cap)")
     p.add_argument("--out", required=True, help="folder: one sub-folder per shape, and NAME.json / NAME.png")
     p.add_argument("--name", default="lifelong_benchmark", help="name of the gathered JSON and plot")
     args, passthrough = p.parse_known_args(argv)
     if not Path(args.recipe).is_file():
         raise SystemExit(f"error: --recipe '{args.recipe}' is not a file; pass a recipe from configs/sequential/.")
-    if args.max_requests is not None and args.max_requests < 1:
-        raise SystemExit(f"error: --max-requests must be at least 1, not {args.max_requests}.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = {}

@@ -29,6 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import provenance, write_json  # noqa: E402
 
+from horse_pl.arguments import positive_int  # noqa: E402
 from horse_pl.timing import TRAIN_STAGES  # noqa: E402
 
 STAGES = TRAIN_STAGES + ("step",)  # step: their sum
@@ -132,12 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "horse_smollm2_zsre.yaml"))
-    parser.add_argument("--steps", type=int, default=12, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (the first also counts FLOPs)")
+    parser.add_argument("--steps", type=positive_int, default=12, help="timed steps")
+    parser.add_argument("--warmup", type=positive_int, default=2,
+                        help="untimed first steps (the first also counts FLOPs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be at least 1.")
     report = {**provenance(command), **run(args.config, args.steps, args.warmup, extra)}
     write_json(report, args.out)
     s = report["seconds"]
