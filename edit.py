@@ -104,9 +104,10 @@ def run_edit(args: argparse.Namespace) -> None:
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
                                                         args.refine_preserve, args.refine_at,
                                                         args.refine_prefixes, args.refine_locality,
-                                                        args.refine_general),
+                                                        args.refine_general, args.refine_paraphrases),
                                   anchors=args.refine_locality_data, n_anchors=args.refine_locality_n,
-                                  n_texts=args.refine_general_n)
+                                  n_texts=args.refine_general_n, paraphrase_data=args.refine_paraphrase_data,
+                                  n_paraphrase_records=args.refine_paraphrase_n)
     _print_table(edit_report["summary"])
     if "general" in edit_report:
         _print_general(edit_report["general"])
@@ -353,6 +354,16 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "texts, none of them among those perplexity is measured on (default 0)")
     p.add_argument("--refine-general-n", type=positive_int, default=64, metavar="N",
                    help="read the first N preservation texts (default 64)")
+    p.add_argument("--refine-paraphrases", type=non_negative_int, default=0, metavar="P",
+                   help="the refined loss also reads every edit prompt asked in up to P other words: the rephrase "
+                        "prompts that records with the same question template (the prompt with its subject as a slot) "
+                        "pair with it, filled with the request's subject; each adds up to one pass of the edit "
+                        "prompts per step (default 0; needs records with a subject)")
+    p.add_argument("--refine-paraphrase-data", metavar="FILE",
+                   help="records file (prompt, rephrase prompt, subject) --refine-paraphrases draws the rephrasings "
+                        "from (default: the file the editor was trained on)")
+    p.add_argument("--refine-paraphrase-n", type=positive_int, default=8192, metavar="N",
+                   help="read the valid records among its first N (default 8192)")
 
 
 def _delta_parser(p: argparse.ArgumentParser) -> None:

@@ -20,10 +20,12 @@ on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preser
 same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
 (every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
 [,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W]
-[,refine_general=W]`` (K Adam
+[,refine_general=W][,refine_paraphrases=P]`` (K Adam
 steps on the residuals against the edit prompts' loss through the solve, with C the prompts behind C context prefixes
 the model writes, W the KL locality term on the first ``--refine-locality-n`` locality questions of the editor's
-training file, and ``refine_general`` the KL term on the next tokens of ``--refine-general-n`` preservation texts:
+training file, ``refine_general`` the KL term on the next tokens of ``--refine-general-n`` preservation texts, and P
+the prompts also asked in up to P other words, the rephrasings the first ``--refine-paraphrase-n`` records of the
+editor's training file pair with the same question template (on the development split they must all come before it):
 ``horse_pl.editing.editor.Refinement``);
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
@@ -62,14 +64,14 @@ SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "p
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
                   "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float,
                   "refine_at": str, "refine_prefixes": int, "refine_locality": float,
-                  "refine_general": float}
+                  "refine_general": float, "refine_paraphrases": int}
 REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve",
               "refine_at": "at", "refine_prefixes": "prefixes", "refine_locality": "locality",
-              "refine_general": "general"}
+              "refine_general": "general", "refine_paraphrases": "paraphrases"}
 NOT_STAGE = ("update", "rounds", "scale", *REFINEMENT)  # editor options that are not update-stage arguments
 EDITOR_SYNTAX = ("NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]"
                  "[,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys]"
-                 "[,refine_prefixes=C][,refine_locality=W][,refine_general=W]")
+                 "[,refine_prefixes=C][,refine_locality=W][,refine_general=W][,refine_paraphrases=P]")
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
@@ -105,8 +107,9 @@ def _editors(args) -> list[tuple[str, Path, dict]]:
     return found
 
 
-def split_requests(args) -> tuple[list, str]:
-    """The requests of ``--split`` and a description of where they come from (paths relative to the checkout)."""
+def split_requests(args) -> tuple[list, str, int | None]:
+    """The requests of ``--split``, a description of where they come from (paths relative to the checkout) and, for
+    the development split, the file index of its first record (records before it are the training split's)."""
     from horse_pl.data.records import hold_out_dev, load_requests
 
     def shown(path) -> str:
@@ -116,11 +119,11 @@ def split_requests(args) -> tuple[list, str]:
     if args.split == "eval":
         path = args.data or eval_path
         requests, _ = load_requests(path, args.format, skip_invalid=True)
-        return requests, f"{shown(path)} (evaluation records)"
+        return requests, f"{shown(path)} (evaluation records)", None
     path = args.data or train_path
     requests, report = load_requests(path, args.format, skip_invalid=True, require=("rephrase", "locality_prompt"))
-    _, _, dev, _ = hold_out_dev(requests, report, args.dev_size)
-    return dev, f"{shown(path)} (development split: its last {args.dev_size} valid records)"
+    _, _, dev, dev_ids = hold_out_dev(requests, report, args.dev_size)
+    return dev, f"{shown(path)} (development split: its last {args.dev_size} valid records)", dev_ids[0]
 
 
 def residual_fit(update, state) -> list[float]:
@@ -128,6 +131,22 @@ def residual_fit(update, state) -> list[float]:
     reproduce on their own keys (1: every edit's residual is met; it falls once the answer-token rows outnumber
     the key features there are)."""
     return update.fit(state.update_keys, state.spread_residuals, state.param_shifts)
+
+
+def bank_breakdown(bank, requests, k: int, gs) -> dict:
+    """How much of ``requests`` the paraphrase bank rephrased, and GS apart on the requests whose own rephrase prompt
+    the bank's ``k`` rephrasings hold (a phrasing the training file had asked) and on the rest (new words)."""
+    import torch
+
+    from horse_pl.data.paraphrases import template
+
+    mask = torch.tensor([template(r.rephrase or "", r.subject) in bank.templates_for(r, k) for r in requests],
+                        dtype=torch.bool)
+    if len(gs) != len(requests):  # some requests have no rephrase prompt: GS is not per request here
+        return bank.coverage(requests, k)
+    return {**bank.coverage(requests, k),
+            "GS_own_rephrase_in_bank": float(gs[mask].mean()) if mask.any() else None,
+            "GS_other": float(gs[~mask].mean()) if (~mask).any() else None}
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -154,7 +173,12 @@ def evaluate(args) -> dict:
     from horse_pl.timing import StageTimer
 
     editors = _editors(args)
-    requests, source = split_requests(args)
+    requests, source, first_dev = split_requests(args)
+    if (first_dev is not None and args.refine_paraphrase_n > first_dev
+            and any(o.get("refine_paraphrases") for _, _, o in editors)):
+        raise SystemExit(f"error: --refine-paraphrase-n {args.refine_paraphrase_n} reaches into the development split "
+                         f"(it starts at record {first_dev} of the training file), so the bank would hold the "
+                         f"requests' own rephrasings; use --refine-paraphrase-n {first_dev} or less.")
     unknown = sorted(set(args.views or ()) - set(EVAL_VIEWS))
     if unknown:
         raise SystemExit(f"error: unknown --views {unknown}; choose from {list(EVAL_VIEWS)}.")
@@ -198,7 +222,8 @@ def evaluate(args) -> dict:
             chosen = [requests[i] for i in order[:n]]
             batch = ke.batches(chosen, args.batch_size)
             extra = ke.refinement_batches(chosen, refinement, n_anchors=args.refine_locality_n,
-                                          n_texts=args.refine_general_n, batch_size=args.batch_size)
+                                          n_texts=args.refine_general_n, batch_size=args.batch_size,
+                                          n_paraphrase_records=args.refine_paraphrase_n)
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timer=timer,
@@ -210,6 +235,10 @@ def evaluate(args) -> dict:
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
             row["residual_fit"] = residual_fit(ke.editor.update, result.state)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)
+            if refinement.paraphrases and "GS" in result.values_after:
+                row["paraphrase_bank"] = bank_breakdown(ke.paraphrase_bank(ke.config.training.get("train_path"),
+                                                                           args.refine_paraphrase_n),
+                                                        chosen, refinement.paraphrases, result.values_after["GS"])
             if general is not None:
                 with applied(ke.modules, result.state.param_shifts):
                     after = general.score(ke.model)
@@ -268,6 +297,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-general-n", type=positive_int, default=64,
                    help="a refine_general term keeps the next-token distributions of the first N preservation texts "
                         "of --general-data (default 64)")
+    p.add_argument("--refine-paraphrase-n", type=positive_int, default=8192,
+                   help="a refine_paraphrases term rephrases the prompts from the valid records among the first N of "
+                        "the editor's training file (default 8192; on the development split, at most its first index)")
     p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

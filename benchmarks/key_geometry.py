@@ -85,7 +85,7 @@ def measure(args) -> dict:
     if bad:
         raise SystemExit(f"error: --layers {bad} are outside the model's {len(layers)} layers.")
     modules = [layers[i].mlp.down_proj for i in args.layers]
-    requests, source = split_requests(args)
+    requests, source, _ = split_requests(args)
     requests = [r for r in requests[: args.n] if r.rephrase and r.locality_prompt and r.locality_answer]
     texts = preservation_texts(args.general_data, args.texts)
     whiten = [whitener(m) for m in key_second_moments(model, tokenizer, modules, texts)]

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from horse_pl.data.batch import EVAL_VIEWS, EditBatch, View, edit_batch, text_batches
+from horse_pl.data.paraphrases import ParaphraseBank
 from horse_pl.data.prefixes import context_prefixes, with_prefixes
 from horse_pl.data.records import EditRequest, RecordError, load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
@@ -124,13 +125,41 @@ class KnowledgeEditor:
         return edit_batch(self.tokenizer, requests, (view,), batch_size, max_length).to(self.device)[view].micro_batches
 
     def context_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None, batch_size: int = 32,
-                        max_length: int = 256) -> list:
-        """The edit prompts behind ``refinement.prefixes`` context prefixes the model writes (seeded), as
-        micro-batches for the refinement to read beside the prompts themselves; none without prefixes."""
-        if not refinement or not refinement.prefixes:
+                        max_length: int = 256, paraphrase_data: str | Path | None = None,
+                        n_paraphrase_records: int = 8192) -> list:
+        """The edit prompts behind ``refinement.prefixes`` context prefixes the model writes (seeded) and asked in up
+        to ``refinement.paraphrases`` other words (:meth:`paraphrase_bank` of the first ``n_paraphrase_records``
+        records of ``paraphrase_data``), as micro-batches for the refinement to read beside the prompts themselves;
+        none without either."""
+        if not refinement or not (refinement.prefixes or refinement.paraphrases):
             return []
-        prefixes = context_prefixes(self.model, self.tokenizer, refinement.prefixes)
-        return self._view_batches(with_prefixes(requests, prefixes), "edit", batch_size, max_length)
+        contexts = []
+        if refinement.prefixes:
+            contexts += with_prefixes(requests, context_prefixes(self.model, self.tokenizer, refinement.prefixes))
+        if refinement.paraphrases:
+            path = paraphrase_data or self.config.training.get("train_path")
+            rephrased = self.paraphrase_bank(path, n_paraphrase_records).rephrased(requests, refinement.paraphrases)
+            if not rephrased:
+                raise RecordError(f"The paraphrase bank of '{path}' knows none of these {len(requests)} requests' "
+                                  "question templates (or they name no subject); pass a records file that asks them "
+                                  "(--refine-paraphrase-data FILE) or refine without rephrasings.")
+            contexts += rephrased
+        return self._view_batches(contexts, "edit", batch_size, max_length)
+
+    def paraphrase_bank(self, path: str | Path | None, n: int = 8192) -> ParaphraseBank:
+        """The rephrasings the valid records among the first ``n`` of ``path`` (default the file the editor was trained
+        on) pair with each question template (:class:`ParaphraseBank`). Tune on records the bank does not hold (the
+        development split is the training file's end)."""
+        if not path:
+            raise ValueError("Rephrasing the edit prompts needs a records file of prompts and their rephrasings; this "
+                             "editor names no training file, so pass one (--refine-paraphrase-data FILE).")
+        records, _ = load_requests(path, skip_invalid=True, limit=n)
+        bank = ParaphraseBank(records)
+        if not len(bank):
+            raise RecordError(f"'{path}' holds no records with a subject named in both the prompt and its rephrase "
+                              "prompt, so it rephrases nothing; pass a records file that has them "
+                              "(--refine-paraphrase-data FILE).")
+        return bank
 
     def anchor_batches(self, refinement: Refinement | None, path: str | Path | None = None, n: int = 512,
                        batch_size: int = 32, max_length: int = 256) -> list:
@@ -166,11 +195,14 @@ class KnowledgeEditor:
 
     def refinement_batches(self, requests: Sequence[EditRequest], refinement: Refinement | None,
                            anchors: str | Path | None = None, n_anchors: int = 512, n_texts: int = 64,
-                           batch_size: int = 32, max_length: int = 256) -> RefinementBatches:
-        """Everything ``refinement`` reads beside the edit prompts of ``requests``: :meth:`context_batches`,
-        :meth:`anchor_batches` (the first ``n_anchors`` records of ``anchors``) and :meth:`text_batches` (``n_texts``
-        texts); empty without a refinement."""
-        return RefinementBatches(self.context_batches(requests, refinement, batch_size, max_length),
+                           batch_size: int = 32, max_length: int = 256, paraphrase_data: str | Path | None = None,
+                           n_paraphrase_records: int = 8192) -> RefinementBatches:
+        """Everything ``refinement`` reads beside the edit prompts of ``requests``: :meth:`context_batches` (the
+        rephrasings from the first ``n_paraphrase_records`` records of ``paraphrase_data``), :meth:`anchor_batches`
+        (the first ``n_anchors`` records of ``anchors``) and :meth:`text_batches` (``n_texts`` texts); empty without
+        a refinement."""
+        return RefinementBatches(self.context_batches(requests, refinement, batch_size, max_length, paraphrase_data,
+                                                      n_paraphrase_records),
                                  self.anchor_batches(refinement, anchors, n_anchors, batch_size, max_length),
                                  self.text_batches(refinement, n_texts, batch_size))
 
@@ -178,7 +210,8 @@ class KnowledgeEditor:
              merge_shifts: bool = True, general: GeneralCheck | None = None,
              examples: int = 3, score: str = "all", rounds: int = 1,
              refinement: Refinement | None = None, anchors: str | Path | None = None,
-             n_anchors: int = 512, n_texts: int = 64) -> tuple[list[torch.Tensor], dict]:
+             n_anchors: int = 512, n_texts: int = 64, paraphrase_data: str | Path | None = None,
+             n_paraphrase_records: int = 8192) -> tuple[list[torch.Tensor], dict]:
         """Compute the shifts of all requests at once, score before/after, and (by default) merge them. The report's
         ``examples`` hold the greedy continuations of the first ``examples`` prompts after the edit and, with ``score``
         ``all``, before it (else ``before`` is None).
@@ -188,14 +221,16 @@ class KnowledgeEditor:
         (:class:`horse_pl.editing.editor.Refinement`) refines the residuals by Adam steps on the edit prompts' loss
         through the editor's own solve, each one forward + backward of the edit prompts (:meth:`Editor.refine`);
         its locality term keeps the answers of the first ``n_anchors`` locality questions of ``anchors``, its general
-        term the next-token distributions of ``n_texts`` texts (:meth:`refinement_batches`).
+        term the next-token distributions of ``n_texts`` texts, its rephrasings come from the first
+        ``n_paraphrase_records`` records of ``paraphrase_data`` (:meth:`refinement_batches`).
         With ``general`` the report also holds general abilities (perplexity, QA and choice tasks) of the
         model before and after the edit, and their retention (after / before)."""
         if not requests:
             raise RecordError("There are no valid edit requests to apply.")
         start = time.perf_counter()
         batch = self.batches(requests, batch_size, max_length)
-        extra = self.refinement_batches(requests, refinement, anchors, n_anchors, n_texts, batch_size, max_length)
+        extra = self.refinement_batches(requests, refinement, anchors, n_anchors, n_texts, batch_size, max_length,
+                                        paraphrase_data, n_paraphrase_records)
         self.timings["tokenize"] = time.perf_counter() - start
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {list(SCORE_MODES)}, not '{score}'.")

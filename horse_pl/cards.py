@@ -66,6 +66,8 @@ def refinement_text(refinement: Mapping) -> str:
         parts.append(f"shifts seen at the {refinement['at']} positions only")
     if refinement.get("prefixes"):
         parts.append(f"the prompts also behind {refinement['prefixes']} context prefixes")
+    if refinement.get("paraphrases"):
+        parts.append(f"the prompts also asked in up to {refinement['paraphrases']} other words")
     if refinement.get("locality"):
         parts.append(f"KL locality {refinement['locality']:g} on unrelated questions")
     if refinement.get("general"):

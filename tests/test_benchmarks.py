@@ -77,6 +77,8 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
     assert quality.parse_editor(f"s={folder},scale=2") == ("s", editor_dir / "editor", {"scale": 2.0})
     assert quality.parse_editor(f"p={folder},refine=2,refine_prefixes=3")[2] == {"refine": 2, "refine_prefixes": 3}
     assert quality.parse_editor(f"g={folder},refine=2,refine_general=0.5")[2] == {"refine": 2, "refine_general": 0.5}
+    assert quality.parse_editor(f"q={folder},refine=2,refine_paraphrases=2")[2] == {"refine": 2,
+                                                                                   "refine_paraphrases": 2}
 
 
 def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):
@@ -84,7 +86,8 @@ def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(edi
     out = tmp_path / "scale.json"
     folder = str(editor_dir / "editor")
     assert quality.main(["--dataset", "zsre", "--split", "dev", "--dev-size", "20", "--editors", f"plain={folder}",
-                         f"kept={folder},preserve=1e6", "--n", "4", "8", "--general", "--general-limit", "8",
+                         f"kept={folder},preserve=1e6", f"para={folder},refine=1,refine_paraphrases=2",
+                         "--refine-paraphrase-n", "300", "--n", "4", "8", "--general", "--general-limit", "8",
                          "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["split"] == "dev" and "development split" in report["data"]
@@ -96,6 +99,16 @@ def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(edi
         # a huge preservation weight keeps the model where it was: perplexity and unrelated answers unchanged
         assert abs(kept["retention"]["perplexity"] - 1) < abs(plain["retention"]["perplexity"] - 1) + 1e-6
         assert kept["LS_agree"] >= plain["LS_agree"]
+        # the rephrased refinement says how many requests its bank (the editor's 300 training records) rephrased,
+        # and GS apart where a request's own rephrase prompt was among the bank's rephrasings
+        bank = report["editors"]["para"][n]["paraphrase_bank"]
+        assert 0 < bank["rephrased"] <= 1 and 0 <= bank["own_rephrase_in_bank"] <= bank["rephrased"]
+        assert "GS_other" in bank
+    # a bank that reaches into the development split would hold its requests' own rephrasings
+    with pytest.raises(SystemExit, match="reaches into the development split"):
+        quality.main(["--dataset", "zsre", "--split", "dev", "--dev-size", "20", "--editors",
+                      f"para={folder},refine=1,refine_paraphrases=2", "--refine-paraphrase-n", "9999", "--n", "4",
+                      "--out", str(out)])
 
 
 def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, capsys):

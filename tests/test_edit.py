@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED, ZSRE_EVAL
+from conftest import SHARED, ZSRE_EVAL, ZSRE_TRAIN
 
 from horse_pl.api import KnowledgeEditor, apply_delta
 from horse_pl.data.records import load_requests
@@ -269,7 +269,7 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0, "at": "all",
-                                                "prefixes": 0, "locality": 0.0, "general": 0.0}
+                                                "prefixes": 0, "locality": 0.0, "general": 0.0, "paraphrases": 0}
     assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-at", "keys",
                                "--out", str(tmp_path / "keyed.safetensors")]) == 0
     keyed = load_file(tmp_path / "keyed.safetensors")
@@ -314,6 +314,20 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     assert edit_main(common + ["--refine", "1", "--refine-general", "1", "--general-data", "none",
                                "--out", str(tmp_path / "never.safetensors")]) == 2
     assert "pass --general-data FOLDER" in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists()
+    # the prompts asked in other words, the rephrasings a records file pairs with their question templates
+    assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-paraphrases", "2",
+                               "--refine-paraphrase-data", str(ZSRE_TRAIN), "--refine-paraphrase-n", "2000",
+                               "--out", str(tmp_path / "rephrased.safetensors")]) == 0
+    rephrased = load_file(tmp_path / "rephrased.safetensors")
+    assert any(not torch.equal(rephrased[n], refined[n]) for n in shift_names)
+    report = json.loads((tmp_path / "rephrased.safetensors.edit_report.json").read_text())
+    assert report["settings"]["refinement"]["paraphrases"] == 2
+    assert "asked in up to 2 other words" in refinement_text(report["settings"]["refinement"])
+    capsys.readouterr()
+    assert edit_main(common + ["--refine", "1", "--refine-paraphrases", "1", "--refine-paraphrase-data",
+                               str(no_questions), "--out", str(tmp_path / "never.safetensors")]) == 2
+    assert "no_questions.json' holds no records with a subject named in both" in capsys.readouterr().err
     assert not (tmp_path / "never.safetensors").exists()
 
 

@@ -48,6 +48,10 @@ class Refinement:
         prefixes: how many context prefixes (MEMIT's, :func:`horse_pl.data.prefixes.context_prefixes`) the refined
             loss also reads every edit prompt behind, so the edit is fitted in other contexts than the prompt alone
             (0: the edit prompts alone). Each adds one pass of the edit prompts per step.
+        paraphrases: how many rephrasings of each edit prompt (:class:`horse_pl.data.paraphrases.ParaphraseBank`: the
+            rephrase prompts a records file pairs with the same question template, filled with the request's subject)
+            the refined loss also reads with the edit's answer, so the edit is fitted to the question asked in other
+            words (0: none). Each adds up to one pass of the edit prompts per step.
         locality: weight of the mean KL divergence from the unrelated answers' distributions before the refinement
             to those with the refined shifts, at the answer tokens of unrelated questions
             (``RefinementBatches.anchors``; MALMEN's locality loss, at edit time; 0: none). Adds one pass of those
@@ -66,6 +70,7 @@ class Refinement:
     prefixes: int = 0
     locality: float = 0.0
     general: float = 0.0
+    paraphrases: int = 0
 
     def __post_init__(self):
         if self.steps < 0:
@@ -82,6 +87,8 @@ class Refinement:
             raise ValueError(f"The refinement general weight must be at least 0, not {self.general}.")
         if self.prefixes < 0:
             raise ValueError(f"The refinement's context prefixes must be at least 0, not {self.prefixes}.")
+        if self.paraphrases < 0:
+            raise ValueError(f"The refinement's rephrasings per request must be at least 0, not {self.paraphrases}.")
         if self.at not in REFINE_AT:
             raise ValueError(f"The refinement's 'at' must be one of {list(REFINE_AT)}, not '{self.at}'.")
 
@@ -93,8 +100,8 @@ class Refinement:
 class RefinementBatches:
     """What a :class:`Refinement` reads beside the edit prompts, as micro-batches
     (``KnowledgeEditor.refinement_batches`` builds them): ``context``, the edit prompts behind context prefixes (for
-    ``prefixes``); ``anchors``, unrelated questions with their answers (for ``locality``); ``texts``, plain text
-    labelled at every token (for ``general``)."""
+    ``prefixes``) and in other words (for ``paraphrases``); ``anchors``, unrelated questions with their answers (for
+    ``locality``); ``texts``, plain text labelled at every token (for ``general``)."""
 
     context: Sequence = ()
     anchors: Sequence = ()
@@ -102,7 +109,7 @@ class RefinementBatches:
 
     def check(self, refinement: Refinement) -> None:
         """A one-sentence error where a term is asked for without its batches, or batches come without their term."""
-        for name, setting, batches in (("context", refinement.prefixes, self.context),
+        for name, setting, batches in (("context", refinement.prefixes or refinement.paraphrases, self.context),
                                        ("anchors", refinement.locality, self.anchors),
                                        ("texts", refinement.general, self.texts)):
             if bool(setting) != bool(batches):
