@@ -286,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=sorted(DATA), default="zsre")
     p.add_argument("--split", choices=("eval", "dev"), default="eval",
                    help="evaluation records, or the development split held out of the training file")
-    p.add_argument("--dev-size", type=int, default=1024, help="size of the development split (the recipes')")
+    p.add_argument("--dev-size", type=positive_int, default=1024, help="size of the development split (the recipes')")
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
     p.add_argument("--editors", nargs="*",
@@ -300,7 +300,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-paraphrase-n", type=positive_int, default=8192,
                    help="a refine_paraphrases term rephrases the prompts from the valid records among the first N of "
                         "the editor's training file (default 8192; on the development split, at most its first index)")
-    p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
+    p.add_argument("--n", type=positive_int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "
                                              "ES / GS / LS / LS_agree / EM at 3/7 of the scoring time)")
@@ -309,9 +309,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve-facts-data", help="records file of the editors' preserve_facts term (default: the one "
                                                  "each editor was trained with)")
     p.add_argument("--general-tasks", nargs="*", default=["open_domain_qa"], help="tasks scored with --general")
-    p.add_argument("--general-limit", type=int, default=200, help="examples per general task")
+    p.add_argument("--general-limit", type=positive_int, default=200, help="examples per general task")
     p.add_argument("--model", help="base model (default: the editors')")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="JSON path (default benchmarks/results/edit_quality_<dataset>_<split>.json)")

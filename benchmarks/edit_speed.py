@@ -27,6 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import machine, pyplot, save_figure, write_json  # noqa: E402
 
+from horse_pl.arguments import positive_int  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_train_10k.json.gz"
 
 
@@ -154,18 +156,19 @@ def plot(report: dict, path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, nargs="+", default=[16, 64, 256, 1024], help="numbers of simultaneous edits")
+    p.add_argument("--n", type=positive_int, nargs="+", default=[16, 64, 256, 1024],
+                   help="numbers of simultaneous edits")
     p.add_argument("--model", default="embedded:smollm2-135m")
     p.add_argument("--editor", help="exported editor folder (default: an untrained editor of --rank/--edit-modules)")
     p.add_argument("--edit-modules", default="layers:24-29")
-    p.add_argument("--rank", type=int, default=1920)
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--rank", type=positive_int, default=1920)
+    p.add_argument("--chunk-size", type=positive_int, default=1024)
     p.add_argument("--cache-dtype", default="float32")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="requests to edit (the first N valid ones)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward/backward micro-batch")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts per forward/backward micro-batch")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=2, help="time = minimum over this many runs")
+    p.add_argument("--repeats", type=positive_int, default=2, help="time = minimum over this many runs")
     p.add_argument("--out", default="benchmarks/results/edit_speed.json")
     p.add_argument("--worker-kind", help=argparse.SUPPRESS)
     p.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)

@@ -30,6 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from common import provenance, pyplot, save_figure, write_json  # noqa: E402
 from edit_quality import DATA, SHARED, split_requests  # noqa: E402
 
+from horse_pl.arguments import positive_int  # noqa: E402
+
 PAIRS = ("answer_rephrase", "answer_neighbour", "subject_rephrase", "subject_neighbour_max")
 
 
@@ -136,12 +138,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATA), default="counterfact")
     p.add_argument("--split", choices=("eval", "dev"), default="dev")
-    p.add_argument("--dev-size", type=int, default=1024, help="size of the development split (the recipes')")
+    p.add_argument("--dev-size", type=positive_int, default=1024, help="size of the development split (the recipes')")
     p.add_argument("--data", help="file to read instead of the dataset's evaluation (or training) file")
     p.add_argument("--format", default="auto", help="record layout of --data")
-    p.add_argument("--n", type=int, default=256, help="requests (the first of the split)")
+    p.add_argument("--n", type=positive_int, default=256, help="requests (the first of the split)")
     p.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9, 12, 15, 18, 21, 24, 27])
-    p.add_argument("--texts", type=int, default=256, help="preservation texts for C0")
+    p.add_argument("--texts", type=positive_int, default=256, help="preservation texts for C0")
     p.add_argument("--general-data", default=str(SHARED / "general"))
     p.add_argument("--model", default="embedded:smollm2-135m")
     p.add_argument("--out", help="JSON path (default benchmarks/results/key_geometry_<dataset>_<split>.json)")

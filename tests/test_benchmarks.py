@@ -28,6 +28,12 @@ def test_fit_slope_recovers_exponents():
     ("lifelong", ["--recipe", "r.yaml", "--out", "o", "--max-requests", "0"], "--max-requests"),
     ("train_step", ["--steps", "0"], "--steps"),
     ("train_step", ["--warmup", "-1"], "--warmup"),
+    ("edit_quality", ["--n", "0"], "--n"),
+    ("edit_quality", ["--dev-size", "0"], "--dev-size"),
+    ("edit_quality", ["--batch-size", "0"], "--batch-size"),
+    ("edit_speed", ["--repeats", "0"], "--repeats"),
+    ("edit_speed", ["--chunk-size", "0"], "--chunk-size"),
+    ("key_geometry", ["--texts", "0"], "--texts"),
 ])
 def test_benchmark_counts_below_one_end_with_argparse_s_line_naming_the_option(name, argv, option, capsys):
     with pytest.raises(SystemExit):
