@@ -329,6 +329,13 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
                                str(no_questions), "--out", str(tmp_path / "never.safetensors")]) == 2
     assert "no_questions.json' holds no records with a subject named in both" in capsys.readouterr().err
     assert not (tmp_path / "never.safetensors").exists()
+    other_questions = tmp_path / "other_questions.json"
+    other_questions.write_text(json.dumps([{"prompt": "Who painted Mona Lisa?", "target": " Me", "subject": "Mona Lisa",
+                                            "rephrase": "Mona Lisa was painted by whom?"}]))
+    assert edit_main(common + ["--refine", "1", "--refine-paraphrases", "1", "--refine-paraphrase-data",
+                               str(other_questions), "--out", str(tmp_path / "never.safetensors")]) == 2
+    assert "other_questions.json' knows none of these 4 requests' question templates" in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists()
 
 
 def test_edit_py_shows_each_stage_s_progress_when_asked(editor_dir, tmp_path, capsys):
