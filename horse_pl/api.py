@@ -83,6 +83,7 @@ class KnowledgeEditor:
         self.fingerprints: tuple[str | None, str | None] = (None, None)  # (before, after) the last merge
         self._originals: list[torch.Tensor] | None = None  # edit modules' weights before the last merge
         self.general_data = DEFAULT_GENERAL_DATA  # the folder of the preservation texts (C0, the refinement's texts)
+        self._banks: dict[tuple[str, int], ParaphraseBank] = {}  # paraphrase banks read, by (file, first n records)
 
     @classmethod
     def from_pretrained(cls, editor_dir: str | Path, model: str | None = None, dtype: str = "float32",
@@ -149,7 +150,9 @@ class KnowledgeEditor:
     def paraphrase_bank(self, path: str | Path | None, n: int = 8192) -> ParaphraseBank:
         """The rephrasings the valid records among the first ``n`` of ``path`` (default the file the editor was trained
         on) pair with each question template (:class:`ParaphraseBank`). Tune on records the bank does not hold (the
-        development split is the training file's end)."""
+        development split is the training file's end). Read once per file and ``n``."""
+        if (str(path), n) in self._banks:
+            return self._banks[str(path), n]
         if not path:
             raise ValueError("Rephrasing the edit prompts needs a records file of prompts and their rephrasings; this "
                              "editor names no training file, so pass one (--refine-paraphrase-data FILE).")
@@ -159,6 +162,7 @@ class KnowledgeEditor:
             raise RecordError(f"'{path}' holds no records with a subject named in both the prompt and its rephrase "
                               "prompt, so it rephrases nothing; pass a records file that has them "
                               "(--refine-paraphrase-data FILE).")
+        self._banks[str(path), n] = bank
         return bank
 
     def anchor_batches(self, refinement: Refinement | None, path: str | Path | None = None, n: int = 512,
