@@ -104,7 +104,8 @@ def run_edit(args: argparse.Namespace) -> None:
                                   refinement=Refinement(args.refine, args.refine_lr, args.refine_target,
                                                         args.refine_preserve, args.refine_at,
                                                         args.refine_prefixes, args.refine_locality,
-                                                        args.refine_general, args.refine_paraphrases),
+                                                        args.refine_general, args.refine_paraphrases,
+                                                        args.refine_budget),
                                   anchors=args.refine_locality_data, n_anchors=args.refine_locality_n,
                                   n_texts=args.refine_general_n, paraphrase_data=args.refine_paraphrase_data,
                                   n_paraphrase_records=args.refine_paraphrase_n)
@@ -364,6 +365,10 @@ def _edit_parser(p: argparse.ArgumentParser) -> None:
                         "from (default: the file the editor was trained on)")
     p.add_argument("--refine-paraphrase-n", type=positive_int, default=8192, metavar="N",
                    help="read the valid records among its first N (default 8192)")
+    p.add_argument("--refine-budget", type=non_negative_float, default=0.0, metavar="B",
+                   help="the most the refined shifts may move the edited layers' outputs on unrelated text, as a "
+                        "share of those outputs (sum of tr(dW^T C0 dW) over sum of tr(W^T C0 W)); residuals past it "
+                        "are scaled back onto it after each step (default 0: no bound)")
 
 
 def _delta_parser(p: argparse.ArgumentParser) -> None:

@@ -20,13 +20,14 @@ on eval. An editor is ``NAME=FOLDER`` with optional ``,preserve=MU`` / ``,preser
 same editor, another solve), ``,rounds=R`` (edit R times, each round on the edited model), ``,scale=S``
 (every per-layer editing lr times S: the shifts times S, an edit-strength probe) and ``,refine=K[,refine_lr=X]
 [,refine_target=P][,refine_preserve=W][,refine_at=all|keys][,refine_prefixes=C][,refine_locality=W]
-[,refine_general=W][,refine_paraphrases=P]`` (K Adam
+[,refine_general=W][,refine_paraphrases=P][,refine_budget=B]`` (K Adam
 steps on the residuals against the edit prompts' loss through the solve, with C the prompts behind C context prefixes
 the model writes, W the KL locality term on the first ``--refine-locality-n`` locality questions of the editor's
 training file, ``refine_general`` the KL term on the next tokens of ``--refine-general-n`` preservation texts, and P
 the prompts also asked in up to P other words, the rephrasings the first ``--refine-paraphrase-n`` records of the
-editor's training file pair with the same question template (on the development split they must all come before it):
-``horse_pl.editing.editor.Refinement``);
+editor's training file pair with the same question template (on the development split they must all come before it),
+B the most the shifts may move the edit modules' outputs on unrelated text, as a share of them:
+``horse_pl.editing.editor.Refinement``); each row records that share as ``output_change``;
 ``preserve_facts`` reads its facts from ``--preserve-facts-data``. The default editors are the exported
 recipes:
 
@@ -64,14 +65,17 @@ SCORES = ("ES", "GS", "LS", "LS_agree", "EM_edit", "EM_rephrase", "efficacy", "p
 UPDATE_OPTIONS = {"preserve": float, "ridge_per_row": float, "preserve_facts": float, "update": str, "rounds": int,
                   "scale": float, "refine": int, "refine_lr": float, "refine_target": float, "refine_preserve": float,
                   "refine_at": str, "refine_prefixes": int, "refine_locality": float,
-                  "refine_general": float, "refine_paraphrases": int}
+                  "refine_general": float, "refine_paraphrases": int,
+                  "refine_budget": float}
 REFINEMENT = {"refine": "steps", "refine_lr": "lr", "refine_target": "target", "refine_preserve": "preserve",
               "refine_at": "at", "refine_prefixes": "prefixes", "refine_locality": "locality",
-              "refine_general": "general", "refine_paraphrases": "paraphrases"}
+              "refine_general": "general", "refine_paraphrases": "paraphrases",
+              "refine_budget": "budget"}
 NOT_STAGE = ("update", "rounds", "scale", *REFINEMENT)  # editor options that are not update-stage arguments
 EDITOR_SYNTAX = ("NAME=FOLDER[,preserve=MU][,preserve_facts=MU][,ridge_per_row=C][,update=STAGE][,rounds=R][,scale=S]"
                  "[,refine=K][,refine_lr=X][,refine_target=P][,refine_preserve=W][,refine_at=all|keys]"
-                 "[,refine_prefixes=C][,refine_locality=W][,refine_general=W][,refine_paraphrases=P]")
+                 "[,refine_prefixes=C][,refine_locality=W][,refine_general=W][,refine_paraphrases=P]"
+                 "[,refine_budget=B]")
 
 
 def parse_editor(spec: str) -> tuple[str, Path, dict]:
@@ -165,8 +169,8 @@ def evaluate(args) -> dict:
     from horse_pl.edit_modules import get_modules
     from horse_pl.editing.editor import Refinement
     from horse_pl.editing.evaluate import edit_and_score
-    from horse_pl.editing.key_stats import bind_preservation
-    from horse_pl.editing.shifts import applied
+    from horse_pl.editing.key_stats import bind_preservation, cached_key_moments
+    from horse_pl.editing.shifts import applied, relative_output_change
     from horse_pl.export import load_editor
     from horse_pl.progress import track
     from horse_pl.sequential.general import GeneralCheck
@@ -234,6 +238,9 @@ def evaluate(args) -> dict:
                                                                           "refine"))
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
             row["residual_fit"] = residual_fit(ke.editor.update, result.state)
+            unrelated = ke.editor.key_moments or cached_key_moments(ke.model, ke.tokenizer, ke.config.edit_modules,
+                                                                    args.general_data)
+            row["output_change"] = relative_output_change(ke.modules, result.state.param_shifts, unrelated)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)
             if refinement.paraphrases and "GS" in result.values_after:
                 row["paraphrase_bank"] = bank_breakdown(ke.paraphrase_bank(ke.config.training.get("train_path"),

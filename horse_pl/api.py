@@ -26,7 +26,7 @@ from horse_pl.data.records import EditRequest, RecordError, load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out
 from horse_pl.editing.editor import Refinement, RefinementBatches
 from horse_pl.editing.evaluate import REPLAY_BYTES, edit_and_score
-from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation, preservation_texts
+from horse_pl.editing.key_stats import DEFAULT_GENERAL_DATA, bind_preservation, cached_key_moments, preservation_texts
 from horse_pl.editing.shifts import applied, merge, restore_entries, revert_exactly
 from horse_pl.export import EditorLoadError, load_editor
 from horse_pl.generation import greedy_answers
@@ -204,7 +204,16 @@ class KnowledgeEditor:
         """Everything ``refinement`` reads beside the edit prompts of ``requests``: :meth:`context_batches` (the
         rephrasings from the first ``n_paraphrase_records`` records of ``paraphrase_data``), :meth:`anchor_batches`
         (the first ``n_anchors`` records of ``anchors``) and :meth:`text_batches` (``n_texts`` texts); empty without
-        a refinement."""
+        a refinement. A refinement whose charge or budget measures the output change on unrelated text needs each
+        edit module's ``C0``: it is bound here where the editor's own solve did not need it."""
+        if refinement and (refinement.preserve or refinement.budget) and self.editor.key_moments is None:
+            if not self.general_data:
+                raise ValueError("The refinement's preserve and budget measure the output change on the general "
+                                 "data's preservation texts, but no general data folder was given; pass "
+                                 "--general-data FOLDER (the folder with model_editing_hurt/, default "
+                                 "../shared/data/general).")
+            moments = cached_key_moments(self.model, self.tokenizer, self.config.edit_modules, self.general_data)
+            self.editor.bind_key_moments([m.to(self.device) for m in moments])
         return RefinementBatches(self.context_batches(requests, refinement, batch_size, max_length, paraphrase_data,
                                                       n_paraphrase_records),
                                  self.anchor_batches(refinement, anchors, n_anchors, batch_size, max_length),

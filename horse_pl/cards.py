@@ -62,6 +62,8 @@ def refinement_text(refinement: Mapping) -> str:
         parts.append(f"until p {refinement['target']:g}")
     if refinement.get("preserve"):
         parts.append(f"preserve {refinement['preserve']:g}")
+    if refinement.get("budget"):
+        parts.append(f"output change on unrelated text at most {refinement['budget']:g} of the outputs")
     if refinement.get("at", "all") != "all":
         parts.append(f"shifts seen at the {refinement['at']} positions only")
     if refinement.get("prefixes"):

@@ -109,6 +109,8 @@ CASES = [
      ["--refine-lr", "above 0"]),
     ("refine-target-above-1", "edit", lambda i: _edit()(i) + ["--refine", "2", "--refine-target", "1.5"],
      ["--refine-target", "probability"]),
+    ("refine-budget-negative", "edit", lambda i: _edit()(i) + ["--refine", "2", "--refine-budget", "-0.5"],
+     ["--refine-budget", "at least 0"]),
     ("truncated-weights", "edit", _edit("truncated_weights"), ["e1/model.safetensors", "safetensors"]),
     ("pickle-weights", "edit", _edit("pickle_weights"), ["e2/model.safetensors", "safetensors"]),
     ("missing-field", "edit", _edit("missing_field"), ["e3/config.json", "missing ['rank']"]),

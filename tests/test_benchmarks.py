@@ -85,6 +85,7 @@ def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys)
     assert quality.parse_editor(f"g={folder},refine=2,refine_general=0.5")[2] == {"refine": 2, "refine_general": 0.5}
     assert quality.parse_editor(f"q={folder},refine=2,refine_paraphrases=2")[2] == {"refine": 2,
                                                                                    "refine_paraphrases": 2}
+    assert quality.parse_editor(f"u={folder},refine=2,refine_budget=1e-4")[2] == {"refine": 2, "refine_budget": 1e-4}
 
 
 def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(editor_dir, tmp_path):
@@ -105,6 +106,8 @@ def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(edi
         # a huge preservation weight keeps the model where it was: perplexity and unrelated answers unchanged
         assert abs(kept["retention"]["perplexity"] - 1) < abs(plain["retention"]["perplexity"] - 1) + 1e-6
         assert kept["LS_agree"] >= plain["LS_agree"]
+        # the share by which each edit moved the edit modules' outputs on unrelated text, less under the large charge
+        assert 0 <= kept["output_change"] < plain["output_change"]
         # the rephrased refinement says how many requests its bank (the editor's 300 training records) rephrased,
         # and GS apart where a request's own rephrase prompt was among the bank's rephrasings
         bank = report["editors"]["para"][n]["paraphrase_bank"]

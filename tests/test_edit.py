@@ -269,13 +269,22 @@ def test_edit_py_refines_the_residuals_when_asked(editor_dir, tmp_path, capsys):
     assert shift_names and any(not torch.equal(plain[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "refined.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"] == {"steps": 3, "lr": 0.5, "target": 1.0, "preserve": 0.0, "at": "all",
-                                                "prefixes": 0, "locality": 0.0, "general": 0.0, "paraphrases": 0}
+                                                "prefixes": 0, "locality": 0.0, "general": 0.0, "paraphrases": 0,
+                                                "budget": 0.0}
     assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-at", "keys",
                                "--out", str(tmp_path / "keyed.safetensors")]) == 0
     keyed = load_file(tmp_path / "keyed.safetensors")
     assert any(not torch.equal(keyed[n], refined[n]) for n in shift_names)
     report = json.loads((tmp_path / "keyed.safetensors.edit_report.json").read_text())
     assert report["settings"]["refinement"]["at"] == "keys"
+    # a budget on the output change on unrelated text, far below what the refinement moves: another, smaller edit
+    assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-budget", "1e-9",
+                               "--out", str(tmp_path / "budget.safetensors")]) == 0
+    budget = load_file(tmp_path / "budget.safetensors")
+    assert (sum(float(budget[n].float().norm()) for n in shift_names)
+            < sum(float(refined[n].float().norm()) for n in shift_names))
+    report = json.loads((tmp_path / "budget.safetensors.edit_report.json").read_text())
+    assert report["settings"]["refinement"]["budget"] == 1e-9
     # behind the model's own context prefixes as well: another edit, said in the report
     assert edit_main(common + ["--refine", "3", "--refine-lr", "0.5", "--refine-prefixes", "2",
                                "--out", str(tmp_path / "prefixed.safetensors")]) == 0

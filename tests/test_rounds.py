@@ -9,7 +9,7 @@ from horse_pl.data.batch import edit_batch
 from horse_pl.data.records import load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out, weight_shape
 from horse_pl.editing.editor import Editor, Refinement, RefinementBatches
-from horse_pl.editing.shifts import applied
+from horse_pl.editing.shifts import applied, relative_output_change
 from horse_pl.models import load_model
 
 
@@ -218,6 +218,54 @@ def test_the_refinement_penalty_keeps_the_shifts_smaller_on_unrelated_keys(tiny_
                           unrelated_moments=moments)
     for got, want in zip(named.param_shifts, held.param_shifts):
         torch.testing.assert_close(got, want)
+
+
+def test_the_relative_output_change_is_the_shifts_c0_energy_over_the_weights(tiny_llama):
+    """``sum tr(dW^T C0 dW) / sum tr(W^T C0 W)``: 0 without shifts, 1 for shifts equal to the weights, 4 for twice."""
+    model, modules, _ = _setup(tiny_llama, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    moments = []
+    for m in modules:
+        a = torch.randn(m.weight.shape[1], m.weight.shape[1], generator=generator)
+        moments.append(a @ a.T / a.shape[0])
+    weights = [weight_in_out(m).detach().float() for m in modules]
+    assert relative_output_change(modules, [torch.zeros_like(w) for w in weights], moments) == 0.0
+    assert relative_output_change(modules, weights, moments) == pytest.approx(1.0, rel=1e-5)
+    assert relative_output_change(modules, [2 * w for w in weights], moments) == pytest.approx(4.0, rel=1e-5)
+    shifts = [torch.randn(w.shape, generator=generator) for w in weights]
+    want = (sum(float(torch.trace(s.T @ c @ s)) for s, c in zip(shifts, moments))
+            / sum(float(torch.trace(w.T @ c @ w)) for w, c in zip(weights, moments)))
+    assert relative_output_change(modules, shifts, moments) == pytest.approx(want, rel=1e-4)
+
+
+def test_the_refinement_budget_holds_the_output_change_on_unrelated_keys(tiny_llama):
+    """``budget``: after every step the shifts are scaled back onto the bound, so the refined shifts move unrelated
+    keys' outputs by at most the budget (relative to the outputs), and still solve the refined residuals; a budget
+    the free refinement stays inside changes nothing."""
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
+    moments = [torch.eye(m.weight.shape[1]) + 0.1 * torch.ones(m.weight.shape[1], m.weight.shape[1]) for m in modules]
+    editor.bind_key_moments(moments)
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+    free = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5))
+    free_change = relative_output_change(modules, free.param_shifts, moments)
+    budget = free_change / 10
+    held = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, budget=budget))
+    assert relative_output_change(modules, held.param_shifts, moments) == pytest.approx(budget, rel=1e-3)
+    again, _ = editor.update.solve(held.update_keys, held.spread_residuals, editor.log_lambdas(), key_moments=moments)
+    for got, want in zip(held.param_shifts, again):
+        torch.testing.assert_close(got, want)
+    loose = editor.refine(model, modules, micro_batches, state, Refinement(steps=5, lr=0.5, budget=10 * free_change))
+    for got, want in zip(loose.param_shifts, free.param_shifts):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="budget must be at least 0"):
+        Refinement(steps=1, budget=-1.0)
+    with pytest.raises(ValueError, match="preserve instead"):
+        editor.refine(model, modules, micro_batches, state, Refinement(steps=1, preserve=1.0, budget=budget),
+                      applied_shifts=free.param_shifts)
+    editor_without = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
+    with pytest.raises(ValueError, match="key moments"):
+        editor_without.refine(model, modules, micro_batches, state, Refinement(steps=1, budget=budget))
 
 
 def test_the_anchored_refinement_charges_the_shifts_the_model_already_carries(tiny_llama):

@@ -18,7 +18,7 @@ from torch import nn
 
 from horse_pl.data.tokenize import IGNORE_INDEX
 from horse_pl.editing.capture import Capture, capture, record_mask
-from horse_pl.editing.shifts import applied, applied_at
+from horse_pl.editing.shifts import applied, applied_at, relative_output_change
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
@@ -60,6 +60,12 @@ class Refinement:
             refinement to those with the refined shifts, at every token of the texts (``RefinementBatches.texts``;
             a function-space anchor for the model's general language, where ``preserve`` anchors the edit modules'
             outputs; 0: none). Adds one pass of those texts per step.
+        budget: the most the refined shifts may move the edit modules' outputs on unrelated text, relative to those
+            outputs (:func:`horse_pl.editing.shifts.relative_output_change`, on the same ``C0`` as ``preserve``;
+            0: no bound). After each step, residuals whose shifts pass it are scaled back onto it (the solve is
+            linear in the residuals). Where ``preserve`` prices the change at a fixed rate, so an edit set that
+            pulls harder moves the model further, the budget holds the change itself the same from one edit set
+            to the next.
     """
 
     steps: int = 0
@@ -71,6 +77,7 @@ class Refinement:
     locality: float = 0.0
     general: float = 0.0
     paraphrases: int = 0
+    budget: float = 0.0
 
     def __post_init__(self):
         if self.steps < 0:
@@ -89,6 +96,8 @@ class Refinement:
             raise ValueError(f"The refinement's context prefixes must be at least 0, not {self.prefixes}.")
         if self.paraphrases < 0:
             raise ValueError(f"The refinement's rephrasings per request must be at least 0, not {self.paraphrases}.")
+        if self.budget < 0:
+            raise ValueError(f"The refinement budget must be at least 0 (0: no bound), not {self.budget}.")
         if self.at not in REFINE_AT:
             raise ValueError(f"The refinement's 'at' must be one of {list(REFINE_AT)}, not '{self.at}'.")
 
@@ -291,9 +300,12 @@ class Editor(nn.Module):
         unrelated = list(unrelated_moments) if unrelated_moments is not None else moments
         if applied_shifts is not None and not refinement.preserve:
             raise ValueError("Charging the applied shifts needs a refinement with preserve > 0.")
-        if refinement.preserve and unrelated is None:
-            raise ValueError("Refinement with preserve > 0 needs the edit modules' key moments; build the editor "
-                             "through EditorModule or KnowledgeEditor, which compute them.")
+        if (refinement.preserve or refinement.budget) and unrelated is None:
+            raise ValueError("Refinement with preserve or budget > 0 needs the edit modules' key moments; build the "
+                             "editor through EditorModule or KnowledgeEditor, which compute them.")
+        if refinement.budget and applied_shifts is not None:
+            raise ValueError("A refinement budget bounds one edit's shifts; lifelong turns charge the applied shifts "
+                             "with preserve instead.")
 
         factors = None  # keys, lambdas and moments stay: factor once, then only the residuals are solved again
         # the charge's gradient 2 mu C0 (A + dW): C0 A is the same at every step
@@ -302,8 +314,16 @@ class Editor(nn.Module):
 
         def solve():
             with torch.no_grad():
-                return self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce, moments,
-                                         self.fact_moments, factors=factors)
+                solved, factored = self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce,
+                                                     moments, self.fact_moments, factors=factors)
+                if refinement.budget:  # back onto the budget: shifts scale with the residuals
+                    change = relative_output_change(modules, solved, unrelated)
+                    if change > refinement.budget:
+                        scale = (refinement.budget / change) ** 0.5
+                        for residual in residuals:
+                            residual.mul_(scale)
+                        solved = [shift * scale for shift in solved]
+                return solved, factored
         for _ in track(range(refinement.steps), "refine"):
             solved, factors = solve()
             shifts = [shift.detach().requires_grad_(True) for shift in solved]

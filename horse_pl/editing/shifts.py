@@ -90,3 +90,19 @@ def revert_exactly(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor],
     for module, (index, values) in zip(modules, restores):
         view = weight_in_out(module)
         view[index // view.shape[1], index % view.shape[1]] = values.to(view.dtype)
+
+
+@torch.no_grad()
+def relative_output_change(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor],
+                           moments: Sequence[torch.Tensor]) -> float:
+    """How far the shifts move the modules' outputs on unrelated text against the outputs themselves:
+    ``sum_l tr(dW_l^T C0_l dW_l) / sum_l tr(W_l^T C0_l W_l)``, with ``C0_l`` each module's second moment of its keys
+    on unrelated text (the preservation term's matrix). 0 for no change; it is what the refinement's ``budget``
+    bounds."""
+    change = base = 0.0
+    for module, shift, c0 in zip(modules, shifts, moments):
+        c0 = c0.to(shift.device, torch.float32)
+        shift, weight = shift.to(torch.float32), weight_in_out(module).to(shift.device, torch.float32)
+        change += float((shift * (c0 @ shift)).sum())
+        base += float((weight * (c0 @ weight)).sum())
+    return change / base
