@@ -151,23 +151,28 @@ def _scale_section(name: str, r: dict) -> list[str]:
     ns = sorted(int(n) for n in r["unedited"])
     keys = [k for k in SCALE if any(k in row for row in r["unedited"].values())]
     has_general = "general_unedited" in r
+    has_change = any("output_change" in result.get(str(n), {}) for result in r["editors"].values() for n in ns)
     header = ["N", "editor"] + keys + (["ppl retention", "QA retention"] if has_general else []) + [
-        "rows", "residual fit", "edit s", "peak MiB"]
+        "rows", "residual fit"] + (["output change"] if has_change else []) + ["edit s", "peak MiB"]
     rows = []
     for n in ns:
         rows.append([str(n), "unedited"] + [_f(r["unedited"][str(n)].get(k)) for k in keys]
-                    + (["1", "1"] if has_general else []) + ["", "", "", ""])
+                    + (["1", "1"] if has_general else []) + [""] * (5 if has_change else 4))
         for editor, result in r["editors"].items():
             row = result[str(n)]
             retention = row.get("retention", {})
             rows.append([str(n), editor] + [_f(row.get(k)) for k in keys]
                         + ([_f(retention.get("perplexity")), _f(retention.get("open_domain_qa"))] if has_general
                            else [])
-                        + [_f(row.get("answer_rows")), _f(_mean(row.get("residual_fit")), 2),
-                           _f(row.get("edit_seconds"), 1), _f(row.get("peak_memory_mb"), 0)])
+                        + [_f(row.get("answer_rows")), _f(_mean(row.get("residual_fit")), 2)]
+                        + ([f"{row['output_change']:.2e}" if "output_change" in row else ""] if has_change else [])
+                        + [_f(row.get("edit_seconds"), 1), _f(row.get("peak_memory_mb"), 0)])
     out += _table(header, rows) + ["", "*rows*: answer-token rows in the solve (per edit module); *residual fit*: "
                                    "mean over edit modules of 1 - ||K dW - R~||^2 / ||R~||^2 (a joint solve: one "
-                                   "number, 1 - ||sum_l K_l dW_l - sum_l R~_l||^2 / ||sum_l R~_l||^2).", ""]
+                                   "number, 1 - ||sum_l K_l dW_l - sum_l R~_l||^2 / ||sum_l R~_l||^2)"
+                                   + ("; *output change*: sum_l tr(dW_l^T C0_l dW_l) / sum_l tr(W_l^T C0_l W_l), "
+                                      "how far the edit moves the edit modules' outputs on unrelated text"
+                                      if has_change else "") + ".", ""]
     for editor, result in r["editors"].items():
         args = ", ".join(f"{k}={v}" for k, v in sorted(result.get("update_args", {}).items())
                          if v and (k, v) != ("form", "auto"))

@@ -34,6 +34,10 @@ def test_results_document_is_built_from_the_records_only(tmp_path, monkeypatch):
     # another record changes the document: nothing is typed in
     changed = {**records, "x_fit": {**records["horse_smollm2_zsre"], "metrics": {"val/ES": 0.1234}}}
     assert make.results_md(changed).count("0.123") == text.count("0.123") + 1
+    # a scale record's output change (the refinement budget's measure) gets its column where a run recorded it
+    budget = records["edit_quality_zsre_eval_answer_refine_budget_1024"]
+    change = next(iter(budget["editors"].values()))["1024"]["output_change"]
+    assert "output change" in text and f"{change:.2e}" in text
 
 
 def test_recorder_writes_fit_and_validate_records(tiny_llama, tmp_path):
