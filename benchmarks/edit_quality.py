@@ -12,6 +12,9 @@ where the data allows efficacy / paraphrase / neighbourhood and portability; the
 scores on the same requests come from the same pass. With ``--general`` the edited model's perplexity
 on a fixed text sample and its QA accuracy (``../shared/data/general``) are scored against the unedited
 model's (retention = after / before). Edit time (capture to solve) and peak memory are recorded per N.
+``--trace-every K`` records a refined edit's course in the row's ``trace``: at step 0, every K-th step and the
+last, the perplexity retention with that step's shifts and their output change on the C0 texts and on the
+preservation texts C0 never saw (``output_change_heldout``).
 
 ``--split eval`` (default) reads the evaluation file; ``--split dev`` the last ``--dev-size`` valid
 records of the training file, which recipes with ``data.dev_size`` never train on: tune there, report
@@ -53,7 +56,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from common import provenance, pyplot, save_figure, write_json  # noqa: E402
 
-from horse_pl.arguments import positive_int  # noqa: E402
+from horse_pl.arguments import non_negative_int, positive_int  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 DATA = {"zsre": (SHARED / "zsre" / "zsre_eval_1k.json.gz", SHARED / "zsre" / "zsre_train_10k.json.gz"),
@@ -153,6 +156,26 @@ def bank_breakdown(bank, requests, k: int, gs) -> dict:
             "GS_other": float(gs[~mask].mean()) if (~mask).any() else None}
 
 
+def refinement_trace(ke, every: int, last: int, moments: dict, texts, before: float, entries: list):
+    """A refine hook (:meth:`horse_pl.editing.editor.Editor.register_refine_hook`) that appends to ``entries``, at
+    step 0, every ``every``-th step and the ``last``, the perplexity retention of the model with that step's shifts
+    on ``texts`` (``before``: the unedited perplexity) and their relative output change on each of ``moments``
+    (name: each module's key moments), with the seconds it took."""
+    from horse_pl.editing.shifts import applied, relative_output_change
+    from horse_pl.sequential.general import perplexity
+
+    def hook(step, shifts):
+        if step % every and step != last:
+            return
+        start = time.perf_counter()
+        with applied(ke.modules, shifts):
+            after = perplexity(ke.model, ke.tokenizer, texts)
+        entry = {"step": step, "perplexity_retention": before / after}
+        entry.update({name: relative_output_change(ke.modules, shifts, m) for name, m in moments.items()})
+        entries.append({**entry, "seconds": time.perf_counter() - start})
+    return hook
+
+
 def _peak_memory_mb(device: str) -> float:
     import torch
 
@@ -169,11 +192,17 @@ def evaluate(args) -> dict:
     from horse_pl.edit_modules import get_modules
     from horse_pl.editing.editor import Refinement
     from horse_pl.editing.evaluate import edit_and_score
-    from horse_pl.editing.key_stats import bind_preservation, cached_key_moments
+    from horse_pl.editing.key_stats import (
+        PRESERVATION_TEXTS,
+        bind_preservation,
+        cached_key_moments,
+        key_second_moments,
+        preservation_texts,
+    )
     from horse_pl.editing.shifts import applied, relative_output_change
     from horse_pl.export import load_editor
     from horse_pl.progress import track
-    from horse_pl.sequential.general import GeneralCheck
+    from horse_pl.sequential.general import GeneralCheck, perplexity, perplexity_texts
     from horse_pl.timing import StageTimer
 
     editors = _editors(args)
@@ -192,6 +221,7 @@ def evaluate(args) -> dict:
     report = {"kind": "edit_quality", "dataset": args.dataset, "split": args.split, "data": source,
               "seed": args.seed, "views": list(args.views or EVAL_VIEWS), "unedited": {}, "editors": {}}
     ke, general = None, None
+    heldout = ppl_texts = ppl_before = None  # what --trace-every reads, computed once
     for name, folder, overrides in editors:
         if ke is None:
             stage = {k: v for k, v in overrides.items() if k not in NOT_STAGE}
@@ -228,18 +258,33 @@ def evaluate(args) -> dict:
             extra = ke.refinement_batches(chosen, refinement, n_anchors=args.refine_locality_n,
                                           n_texts=args.refine_general_n, batch_size=args.batch_size,
                                           n_paraphrase_records=args.refine_paraphrase_n)
+            unrelated = ke.editor.key_moments or cached_key_moments(ke.model, ke.tokenizer, ke.config.edit_modules,
+                                                                    args.general_data)
+            trace, handle = [], None
+            if args.trace_every and refinement.steps:
+                if heldout is None:  # the preservation texts after C0's: a sample of the same kind C0 never saw
+                    texts = preservation_texts(args.general_data, 1 << 30)[PRESERVATION_TEXTS:]
+                    heldout = key_second_moments(ke.model, ke.tokenizer, ke.modules, texts)
+                    ppl_texts = perplexity_texts(args.general_data)
+                    ppl_before = perplexity(ke.model, ke.tokenizer, ppl_texts)
+                handle = ke.editor.register_refine_hook(refinement_trace(
+                    ke, args.trace_every, refinement.steps,
+                    {"output_change": unrelated, "output_change_heldout": heldout}, ppl_texts, ppl_before, trace))
             timer = StageTimer(ke.model.device)
             result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
                                     score_before=str(n) not in report["unedited"], timer=timer,
                                     rounds=overrides.get("rounds", 1), refinement=refinement,
                                     refinement_batches=extra)
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
+            if handle is not None:
+                handle.remove()
             row["edit_seconds"] = sum(timer.seconds.get(k, 0.0) for k in ("capture", "predict", "spread", "solve",
                                                                           "refine"))
+            if trace:  # the trace's own passes are not the edit's
+                row["edit_seconds"] -= sum(entry["seconds"] for entry in trace)
+                row["trace"] = trace
             row["answer_rows"] = int(result.state.update_keys[0].shape[0])
             row["residual_fit"] = residual_fit(ke.editor.update, result.state)
-            unrelated = ke.editor.key_moments or cached_key_moments(ke.model, ke.tokenizer, ke.config.edit_modules,
-                                                                    args.general_data)
             row["output_change"] = relative_output_change(ke.modules, result.state.param_shifts, unrelated)
             row["peak_memory_mb"] = _peak_memory_mb(args.device)
             if refinement.paraphrases and "GS" in result.values_after:
@@ -307,6 +352,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-paraphrase-n", type=positive_int, default=8192,
                    help="a refine_paraphrases term rephrases the prompts from the valid records among the first N of "
                         "the editor's training file (default 8192; on the development split, at most its first index)")
+    p.add_argument("--trace-every", type=non_negative_int, default=0, metavar="K",
+                   help="record a refined edit's course: at step 0, every K-th step and the last, the perplexity "
+                        "retention with that step's shifts and their output change on the C0 texts and on held-out "
+                        "preservation texts (the row's trace; its seconds are left out of edit_seconds; 0: off)")
     p.add_argument("--n", type=positive_int, nargs="+", default=[16, 64, 256], help="numbers of simultaneous edits")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draw of requests")
     p.add_argument("--views", nargs="*", help="score only these views (default all; e.g. edit rephrase locality for "

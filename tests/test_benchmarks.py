@@ -120,6 +120,29 @@ def test_edit_quality_on_the_dev_split_with_a_preserving_solve_and_retention(edi
                       "--out", str(out)])
 
 
+def test_edit_quality_traces_a_refined_edit(editor_dir, tmp_path, capsys):
+    """``--trace-every K``: the row's trace holds step 0, every K-th step and the last, each with the perplexity
+    retention and the output change on the C0 texts and on held-out texts; the last entry is the edit the row scores."""
+    quality = _load("edit_quality")
+    out = tmp_path / "trace.json"
+    folder = str(editor_dir / "editor")
+    assert quality.main(["--dataset", "zsre", "--split", "dev", "--dev-size", "20", "--editors",
+                         f"held={folder},refine=3,refine_lr=0.5,refine_budget=1e-3", "--trace-every", "2", "--n", "4",
+                         "--general", "--general-limit", "8", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["editors"]["held"]["4"]
+    trace = row["trace"]
+    assert [entry["step"] for entry in trace] == [0, 2, 3]
+    assert trace[-1]["output_change"] == pytest.approx(row["output_change"], rel=1e-4)
+    assert trace[-1]["perplexity_retention"] == pytest.approx(row["retention"]["perplexity"], rel=1e-4)
+    for entry in trace:
+        assert entry["output_change"] <= 1e-3 * (1 + 1e-4) and entry["output_change_heldout"] > 0
+        assert 0 < entry["perplexity_retention"] <= 2 and entry["seconds"] > 0
+    assert row["edit_seconds"] > 0
+    with pytest.raises(SystemExit):
+        quality.main(["--trace-every", "-1"])
+    assert "argument --trace-every: must be a whole number of at least 0, not -1" in capsys.readouterr().err
+
+
 def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, capsys):
     step = _load("train_step")
     out = tmp_path / "step.json"

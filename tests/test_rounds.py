@@ -9,7 +9,7 @@ from horse_pl.data.batch import edit_batch
 from horse_pl.data.records import load_requests
 from horse_pl.edit_modules import get_modules, resolve_edit_modules, weight_in_out, weight_shape
 from horse_pl.editing.editor import Editor, Refinement, RefinementBatches
-from horse_pl.editing.shifts import applied, relative_output_change
+from horse_pl.editing.shifts import applied, output_energy, relative_output_change
 from horse_pl.models import load_model
 
 
@@ -236,6 +236,10 @@ def test_the_relative_output_change_is_the_shifts_c0_energy_over_the_weights(tin
     want = (sum(float(torch.trace(s.T @ c @ s)) for s, c in zip(shifts, moments))
             / sum(float(torch.trace(w.T @ c @ w)) for w, c in zip(weights, moments)))
     assert relative_output_change(modules, shifts, moments) == pytest.approx(want, rel=1e-4)
+    # a caller measuring many shifts against the same weights passes their energy once
+    base = output_energy(weights, moments)
+    assert relative_output_change(modules, shifts, moments, base) == pytest.approx(want, rel=1e-4)
+    assert relative_output_change(modules, shifts, moments, 2 * base) == pytest.approx(want / 2, rel=1e-4)
 
 
 def test_the_refinement_budget_holds_the_output_change_on_unrelated_keys(tiny_llama):
@@ -266,6 +270,30 @@ def test_the_refinement_budget_holds_the_output_change_on_unrelated_keys(tiny_ll
     editor_without = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
     with pytest.raises(ValueError, match="key moments"):
         editor_without.refine(model, modules, micro_batches, state, Refinement(steps=1, budget=budget))
+
+
+def test_a_refine_hook_sees_each_steps_shifts_and_the_last_until_removed(tiny_llama):
+    """``register_refine_hook``: called with steps 0..K, the model unshifted while it runs, the last call with the
+    shifts the refinement returns; after ``remove()`` it is not called again."""
+    model, modules, micro_batches = _setup(tiny_llama, 4, 2)
+    editor = Editor([weight_shape(m) for m in modules], rank=8, lr=50.0)
+    state = editor.param_shifts(editor.capture(model, modules, micro_batches))
+    weights = [weight_in_out(m).detach().clone() for m in modules]
+    seen = []
+
+    def hook(step, shifts):
+        for module, weight in zip(modules, weights):  # the hook sees the model as it was before the edit
+            torch.testing.assert_close(weight_in_out(module), weight)
+        seen.append((step, [s.clone() for s in shifts]))
+    handle = editor.register_refine_hook(hook)
+    refined = editor.refine(model, modules, micro_batches, state, Refinement(steps=3, lr=0.5))
+    assert [step for step, _ in seen] == [0, 1, 2, 3]
+    for got, want in zip(seen[-1][1], refined.param_shifts):
+        torch.testing.assert_close(got, want)
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0][1], seen[-1][1]))  # the steps moved the shifts
+    handle.remove()
+    editor.refine(model, modules, micro_batches, state, Refinement(steps=2, lr=0.5))
+    assert len(seen) == 4
 
 
 def test_the_anchored_refinement_charges_the_shifts_the_model_already_carries(tiny_llama):

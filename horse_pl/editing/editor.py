@@ -8,17 +8,20 @@ hypernetwork in row chunks so memory stays bounded for thousands of edits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from horse_pl.data.tokenize import IGNORE_INDEX
+from horse_pl.edit_modules import weight_in_out
 from horse_pl.editing.capture import Capture, capture, record_mask
-from horse_pl.editing.shifts import applied, applied_at, relative_output_change
+from horse_pl.editing.shifts import applied, applied_at, output_energy, relative_output_change
 from horse_pl.editing.spread import AllReduce, GramSchmidtSpread, Spread
 from horse_pl.editing.update import ClosedFormUpdate, ParamShiftUpdate
 from horse_pl.hypernet import HyperNetwork
@@ -180,6 +183,15 @@ class Editor(nn.Module):
             net.lamda.weight.requires_grad_(self.learn_lambda)
         # rows (requests) of the training micro-batches, 0 until trained; saved with the editor
         self.register_buffer("micro_batch_rows", torch.zeros((), dtype=torch.int64))
+        self._refine_hooks: OrderedDict[int, Callable] = OrderedDict()
+
+    def register_refine_hook(self, hook: Callable[[int, list[torch.Tensor]], None]) -> RemovableHandle:
+        """Call ``hook(step, param_shifts)`` with the solved shifts before each refinement step and after the last
+        (``step`` 0 to ``refinement.steps``; the model carries no shifts while it runs), to watch a refinement as it
+        goes (``benchmarks/edit_quality.py --trace-every``). Returns a handle whose ``remove()`` takes it off."""
+        handle = RemovableHandle(self._refine_hooks)
+        self._refine_hooks[handle.id] = hook
+        return handle
 
     def bind_key_moments(self, moments: Sequence[torch.Tensor], kind: str = "key") -> None:
         """Give the update stage each edit module's ``C0`` (``kind="key"``,
@@ -312,20 +324,25 @@ class Editor(nn.Module):
         charged_applied = ([0.0] * len(residuals) if applied_shifts is None or not refinement.preserve else
                            [c0.float() @ a.to(c0.device, torch.float32) for c0, a in zip(unrelated, applied_shifts)])
 
+        # the budget's denominator: the weights' outputs on unrelated text, the same at every step
+        output_base = output_energy([weight_in_out(m) for m in modules], unrelated) if refinement.budget else None
+
         def solve():
             with torch.no_grad():
                 solved, factored = self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce,
                                                      moments, self.fact_moments, factors=factors)
                 if refinement.budget:  # back onto the budget: shifts scale with the residuals
-                    change = relative_output_change(modules, solved, unrelated)
+                    change = relative_output_change(modules, solved, unrelated, output_base)
                     if change > refinement.budget:
                         scale = (refinement.budget / change) ** 0.5
                         for residual in residuals:
                             residual.mul_(scale)
                         solved = [shift * scale for shift in solved]
                 return solved, factored
-        for _ in track(range(refinement.steps), "refine"):
+        for step in track(range(refinement.steps), "refine"):
             solved, factors = solve()
+            for hook in self._refine_hooks.values():
+                hook(step, solved)
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
             keyed = refinement.at == "keys"  # the shifts act per row group, at its key positions alone
 
@@ -352,6 +369,8 @@ class Editor(nn.Module):
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
         solved, factors = solve()
+        for hook in self._refine_hooks.values():
+            hook(refinement.steps, solved)
         return EditState(state.update_keys, state.residuals, residuals, solved, factors=factors)
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,

@@ -26,9 +26,10 @@ DEFAULT_GENERAL_DATA = "../shared/data/general"
 FACT_VIEWS = ("edit_true", "locality")  # a request's known facts: prompt + true answer, unrelated prompt + answer
 DEFAULT_FACT_LIMIT = 4096  # records of a facts file whose answers F is taken over
 PERPLEXITY_TEXTS = 64  # the first summaries measure perplexity (horse_pl.sequential.general); C0 uses the rest
+PRESERVATION_TEXTS = 512  # the texts C0 is taken over; the preservation texts after them: a held-out sample
 
 
-def preservation_texts(root: str | Path = DEFAULT_GENERAL_DATA, n: int = 512) -> list[str]:
+def preservation_texts(root: str | Path = DEFAULT_GENERAL_DATA, n: int = PRESERVATION_TEXTS) -> list[str]:
     """``n`` plain-English texts for ``C0``: dialogue summaries and open-domain questions with their answers,
     none of them in the perplexity sample."""
     base = Path(root) / "model_editing_hurt"
@@ -187,7 +188,8 @@ def _cached(name_parts: list, module_names: Sequence[str], compute) -> list[torc
 
 
 def cached_key_moments(model: nn.Module, tokenizer, module_names: Sequence[str],
-                       general_data: str | Path = DEFAULT_GENERAL_DATA, n_texts: int = 512) -> list[torch.Tensor]:
+                       general_data: str | Path = DEFAULT_GENERAL_DATA,
+                       n_texts: int = PRESERVATION_TEXTS) -> list[torch.Tensor]:
     """:func:`key_second_moments` of the named edit modules on :func:`preservation_texts`, cached under the
     model's fingerprint and dtype (``$HORSE_PL_CACHE/key_stats``); recomputed when the model, its dtype, the modules
     or the texts change."""

@@ -93,16 +93,23 @@ def revert_exactly(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor],
 
 
 @torch.no_grad()
+def output_energy(matrices: Sequence[torch.Tensor], moments: Sequence[torch.Tensor]) -> float:
+    """``sum_l tr(X_l^T C_l X_l)``: the summed mean squared outputs of the (d_in, d_out) matrices ``X_l`` on keys whose
+    second moments are ``C_l`` (fp32)."""
+    total = 0.0
+    for matrix, moment in zip(matrices, moments):
+        matrix = matrix.to(torch.float32)
+        total += float((matrix * (moment.to(matrix.device, torch.float32) @ matrix)).sum())
+    return total
+
+
+@torch.no_grad()
 def relative_output_change(modules: Sequence[nn.Module], shifts: Sequence[torch.Tensor],
-                           moments: Sequence[torch.Tensor]) -> float:
+                           moments: Sequence[torch.Tensor], base: float | None = None) -> float:
     """How far the shifts move the modules' outputs on unrelated text against the outputs themselves:
     ``sum_l tr(dW_l^T C0_l dW_l) / sum_l tr(W_l^T C0_l W_l)``, with ``C0_l`` each module's second moment of its keys
     on unrelated text (the preservation term's matrix). 0 for no change; it is what the refinement's ``budget``
-    bounds."""
-    change = base = 0.0
-    for module, shift, c0 in zip(modules, shifts, moments):
-        c0 = c0.to(shift.device, torch.float32)
-        shift, weight = shift.to(torch.float32), weight_in_out(module).to(shift.device, torch.float32)
-        change += float((shift * (c0 @ shift)).sum())
-        base += float((weight * (c0 @ weight)).sum())
-    return change / base
+    bounds. ``base``: the denominator, where a caller measures many shifts against the same weights."""
+    if base is None:
+        base = output_energy([weight_in_out(module) for module in modules], moments)
+    return output_energy(shifts, moments) / base
