@@ -6,7 +6,8 @@ its index into the per-layer scale/shift embeddings and the per-layer ``lr``/``l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -89,9 +90,11 @@ class LowRankBlock(nn.Module):
         self.shift = nn.Embedding(n_modules, size)
         nn.init.ones_(self.scale.weight)
         nn.init.zeros_(self.shift.weight)
+        self.product: torch.Tensor | None = None  # A @ B while HyperNetwork.fused holds it (no gradients)
 
     def forward(self, h: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
-        x = (h @ self.A @ self.B + self.bias).clamp(min=0)
+        fused = self.product is not None and not torch.is_grad_enabled()
+        x = ((h @ self.product if fused else h @ self.A @ self.B) + self.bias).clamp(min=0)
         return h + self.scale(module_idx) * x + self.shift(module_idx)
 
 
@@ -206,6 +209,28 @@ class HyperNetwork(nn.Module):
     def forward(self, keys: torch.Tensor, value_grads: torch.Tensor, position: int):
         net, idx = self.net(position)
         return net(keys, value_grads, idx)
+
+    @contextmanager
+    def fused(self, rows: int) -> Iterator[None]:
+        """Inside the block, passes without gradients multiply each block's rows by the product ``A B``, computed
+        once on entry, instead of by ``A`` and then ``B``: ``2 s^2`` instead of ``4 s r`` multiply-adds a row for a
+        block of size ``s`` and rank ``r``, for ``2 s^2 r`` once. A network takes it where that is less work for
+        ``rows`` rows of each of its modules (the rows of one edit batch); the results differ from the unfused
+        ones by float rounding only."""
+        fused = []
+        with torch.no_grad():
+            for key, net in self.nets.items():
+                n_rows = rows * sum(slot_key == key for slot_key, _ in self.slots)
+                for block in net.blocks:
+                    size, rank = block.A.shape
+                    if n_rows * (4 * size * rank - 2 * size * size) > 2 * size * size * rank:
+                        block.product = block.A @ block.B
+                        fused.append(block)
+        try:
+            yield
+        finally:
+            for block in fused:
+                block.product = None
 
 
 def merge_moments(stats, all_reduce: Reduction):

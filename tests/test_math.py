@@ -149,6 +149,33 @@ def test_fresh_hypernetwork_is_the_identity_and_every_block_parameter_learns():
             assert getattr(block, name).grad.abs().sum() > 0, f"block {i}: {name} gets no gradient at init"
 
 
+
+def test_fused_blocks_give_the_unfused_results_where_they_are_less_work():
+    """HyperNetwork.fused multiplies by A B (computed once) where that costs fewer multiply-adds for the rows at
+    hand, never with gradients on, and leaves nothing behind; its results are the unfused ones up to rounding."""
+    from horse_pl.hypernet import HyperNetwork
+
+    torch.manual_seed(0)
+    net = HyperNetwork([(6, 4), (6, 4)], rank=8, n_blocks=2, lr=1e-3)  # size 10 < 2 x rank: fusing pays
+    for block in net.nets["6x4"].blocks:
+        torch.nn.init.normal_(block.B)
+    keys, grads = torch.randn(30, 6), torch.randn(30, 4)
+    with torch.no_grad():
+        unfused = net(keys, grads, 1)
+        with net.fused(rows=30):
+            blocks = list(net.nets["6x4"].blocks)
+            assert all(b.product is not None for b in blocks)
+            fused = net(keys, grads, 1)
+        assert all(b.product is None for b in blocks)
+        with net.fused(rows=1):  # one row each: the product costs more than it saves
+            assert all(b.product is None for b in blocks)
+    for got, want in zip(fused, unfused):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with net.fused(rows=30):
+        with_grad = net(keys, grads, 1)  # gradients on: A and B are multiplied in turn, so both get gradients
+    with_grad[0].sum().backward()
+    assert blocks[0].A.grad is not None and blocks[0].B.grad is not None
+
 def test_apply_then_revert_leaves_weights_bit_identical():
     torch.manual_seed(0)
     layer = nn.Linear(8, 5)

@@ -249,7 +249,7 @@ class Editor(nn.Module):
         """Update keys and residuals of every edit module, computed in row chunks; with ``keep_graph``
         (all rows in one chunk) the hypernetwork graph is kept so the backward pass need not recompute it."""
         update_keys, residuals = [], []
-        with torch.set_grad_enabled(keep_graph):
+        with torch.set_grad_enabled(keep_graph), nullcontext() if keep_graph else self.hypernet.fused(cap.n_rows):
             for position in range(self.n_modules):
                 parts = [self._residual_rows(cap, position, slice(s, s + self.chunk_size))
                          for s in range(0, cap.n_rows, self.chunk_size)]
