@@ -34,6 +34,7 @@ def test_fit_slope_recovers_exponents():
     ("edit_speed", ["--repeats", "0"], "--repeats"),
     ("edit_speed", ["--chunk-size", "0"], "--chunk-size"),
     ("key_geometry", ["--texts", "0"], "--texts"),
+    ("side_by_side", ["--released", ".", "--rounds", "0"], "--rounds"),
 ])
 def test_benchmark_counts_below_one_end_with_argparse_s_line_naming_the_option(name, argv, option, capsys):
     with pytest.raises(SystemExit):
@@ -167,6 +168,51 @@ def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, c
     assert report["step_at_matmul_rate"] == pytest.approx(
         report["gflop_per_step"] / ((report["matmul_gflops_before"] + report["matmul_gflops_after"]) / 2))
     assert "GFLOP" in capsys.readouterr().out
+
+
+FAKE_RELEASED = """
+import sys, time
+from tqdm import tqdm
+assert sys.argv[1:] == ["data=zsre", "editor.n_edits=4"], sys.argv
+for _ in tqdm(range(3), desc="Valid", ncols=100):
+    time.sleep(0.01)
+for _ in tqdm(range(10 ** 6), desc="Train", ncols=100):  # never ends by itself: the benchmark stops it
+    time.sleep(0.2)
+"""
+
+
+def test_side_by_side_times_the_released_loop_by_its_bar_and_ours_by_train_step(tiny_llama, tmp_path):
+    side = _load("side_by_side")
+    checkout = tmp_path / "released"
+    checkout.mkdir()
+    (checkout / "main.py").write_text(FAKE_RELEASED)
+    out = tmp_path / "side.json"
+    assert side.main(["--released", str(checkout), "--released-args", "data=zsre editor.n_edits=4", "--steps", "2",
+                      "--warmup", "1", "--rounds", "2", "--timeout", "120", "--out", str(out), "--",
+                      "--model.model", tiny_llama, "--model.edit_modules", "layers:2-3", "--model.rank", "16",
+                      "--data.n_edits", "4", "--data.batch_size", "2", "--data.train_path", small_zsre()[0],
+                      "--data.max_length", "1024"]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "side_by_side" and report["released"]["commit"] is None  # not a git checkout
+    assert len(report["rounds"]) == 2
+    for row in report["rounds"]:
+        assert len(row["released_steps"]) == 2 and len(row["our_steps"]) == 2
+        assert all(0.15 < s < 5 for s in row["released_steps"])  # the fake's 0.2 s steps, the Valid bar ignored
+        assert row["ratio"] == pytest.approx(row["our_median"] / row["released_median"])
+    assert report["ratio"] == pytest.approx(report["our_median"] / report["released_median"])
+    assert report["recipe_overrides"][:2] == ["--model.model", tiny_llama]
+
+
+def test_side_by_side_names_a_checkout_without_main_and_a_released_run_that_fails(tmp_path, capsys):
+    side = _load("side_by_side")
+    with pytest.raises(SystemExit):
+        side.main(["--released", str(tmp_path)])
+    assert f"--released '{tmp_path}' has no main.py" in capsys.readouterr().err
+    (tmp_path / "main.py").write_text("import sys; print('no such config'); sys.exit(3)")
+    with pytest.raises(SystemExit, match="(?s)exited with code 3 after 0 of 2 steps.*no such config"):
+        side.released_steps(tmp_path, "main.py", [], "Train", 2, timeout=60)
+    assert side.progress_counts("Train:  10%|#  | 1/10 [00:01<00:09, 1.0s/it]\rTrain:  20%|## | 2/10 [00:02<00:08]",
+                                "Train") == [1, 2]
 
 
 def test_gpu_check_runs_on_cpu_at_reduced_size(tmp_path):
