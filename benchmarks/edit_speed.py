@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from common import machine, pyplot, save_figure, write_json  # noqa: E402
 
 from horse_pl.arguments import positive_int  # noqa: E402
+from horse_pl.records import commit  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_train_10k.json.gz"
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": date.today().isoformat(), "model": args.model, "dtype": args.dtype, "device": args.device,
         "editor": args.editor or f"untrained, rank {args.rank}, {args.edit_modules}",
-        "machine": machine(),
+        "machine": machine(), "commit": commit(),
         "command": "python benchmarks/edit_speed.py " + " ".join(argv), "results": results,
     }
     if len(ns) > 1:

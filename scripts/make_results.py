@@ -309,6 +309,17 @@ def _performance_section(records: dict[str, dict]) -> list[str]:
                 out += ["", "![edit speed](edit_speed.png)"]
             out += ["", r["finding"]] if r.get("finding") else []
             out.append("")
+        elif r.get("kind") == "edit_wall":
+            stages = list(dict.fromkeys(k for x in r["results"] for k in x["seconds"]))
+            out += [f"### `edit.py` from requests to written output: `{name}`", "",
+                    f"`{r['command']}` — {_when(r)}, {r.get('machine', '')}. Edit stages = capture + predict + "
+                    "spread + solve + merge; wall = the run's own figure from reading the requests to the written "
+                    "output.", ""]
+            out += _table(["N", "--score"] + stages + ["wall", "edit stages", "wall / edit stages"],
+                          [[str(x["n_edits"]), x["score"]] + [_f(x["seconds"].get(k), 1) for k in stages]
+                           + [_f(x["wall"], 1), _f(x["edit_stages"], 1), _f(x["ratio"], 2)] for x in r["results"]])
+            out += ["", r["finding"]] if r.get("finding") else []
+            out.append("")
     return out
 
 

@@ -35,6 +35,7 @@ def test_fit_slope_recovers_exponents():
     ("edit_speed", ["--chunk-size", "0"], "--chunk-size"),
     ("key_geometry", ["--texts", "0"], "--texts"),
     ("side_by_side", ["--released", ".", "--rounds", "0"], "--rounds"),
+    ("edit_wall", ["--editor", ".", "--requests", ".", "--n", "0"], "--n"),
 ])
 def test_benchmark_counts_below_one_end_with_argparse_s_line_naming_the_option(name, argv, option, capsys):
     with pytest.raises(SystemExit):
@@ -56,6 +57,7 @@ def test_edit_speed_splits_the_edit_time_and_measures_the_floor(tiny_llama, tmp_
         assert row["floor"] > 0 and row["ratio"] == pytest.approx(parts["total"] / row["floor"])
         assert row["edit_peak_memory_mb"] > 0 and row["answer_tokens"] > 0
     assert "time_growth_exponent" in report and out.with_suffix(".png").stat().st_size > 1000
+    assert report["commit"]  # the record names the code it measured
 
 
 def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys):
@@ -168,6 +170,26 @@ def test_train_step_times_the_recipe_and_counts_its_work(tiny_llama, tmp_path, c
     assert report["step_at_matmul_rate"] == pytest.approx(
         report["gflop_per_step"] / ((report["matmul_gflops_before"] + report["matmul_gflops_after"]) / 2))
     assert "GFLOP" in capsys.readouterr().out
+
+
+def test_edit_wall_reads_each_edit_py_run_s_own_timing_line(editor_dir, tmp_path, capsys):
+    wall = _load("edit_wall")
+    out = tmp_path / "wall.json"
+    assert wall.main(["--editor", str(editor_dir / "editor"), "--requests", small_zsre()[1], "--n", "3",
+                      "--score", "none", "edit", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "edit_wall" and report["commit"]
+    assert [(r["n_edits"], r["score"]) for r in report["results"]] == [(3, "none"), (3, "edit")]
+    for row in report["results"]:
+        assert row["edit_stages"] == pytest.approx(sum(row["seconds"].get(k, 0) for k in wall.EDIT_STAGES))
+        assert row["wall"] >= row["edit_stages"] > 0 and row["ratio"] == pytest.approx(row["wall"] / row["edit_stages"])
+    none, edit = (r["seconds"]["score_after"] for r in report["results"])
+    assert edit > 10 * none  # --score none scores nothing
+    seconds, total = wall.timing_line("x\ntimings (s): load 0.5, capture 2.0, save 1.0; wall 3.6 from reading it\n")
+    assert seconds == {"load": 0.5, "capture": 2.0, "save": 1.0} and total == 3.6
+    with pytest.raises(SystemExit):
+        wall.main(["--editor", str(tmp_path / "none"), "--requests", small_zsre()[1]])
+    assert "--editor '" in capsys.readouterr().err
 
 
 FAKE_RELEASED = """
