@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     ns = [r["n_edits"] for r in results]
     report = {
-        "date": date.today().isoformat(), "model": args.model, "dtype": args.dtype, "device": args.device,
+        "kind": "edit_speed", "date": date.today().isoformat(), "model": args.model, "dtype": args.dtype,
+        "device": args.device,
         "editor": args.editor or f"untrained, rank {args.rank}, {args.edit_modules}",
         "machine": machine(), "commit": commit(),
         "command": "python benchmarks/edit_speed.py " + " ".join(argv), "results": results,

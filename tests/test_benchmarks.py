@@ -57,7 +57,7 @@ def test_edit_speed_splits_the_edit_time_and_measures_the_floor(tiny_llama, tmp_
         assert row["floor"] > 0 and row["ratio"] == pytest.approx(parts["total"] / row["floor"])
         assert row["edit_peak_memory_mb"] > 0 and row["answer_tokens"] > 0
     assert "time_growth_exponent" in report and out.with_suffix(".png").stat().st_size > 1000
-    assert report["commit"]  # the record names the code it measured
+    assert report["commit"] and report["kind"] == "edit_speed"  # the record names the code it measured
 
 
 def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys):
