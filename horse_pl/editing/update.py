@@ -276,7 +276,7 @@ class JointClosedFormUpdate(ClosedFormUpdate):
                 a = a + preservations[position].to(k.dtype)
             k_solved = torch.cholesky_solve(k.T, torch.linalg.cholesky(a)).T  # K A^-1 (A symmetric)
             solved.append(k_solved)
-            kernel = kernel + k_solved @ k.T
+            kernel.addmm_(k_solved, k.T)  # in place: at thousands of rows the N x N kernel is the largest matrix
         chol = torch.linalg.cholesky(kernel)
         alpha = torch.cholesky_solve(sum(_f(r) for r in residuals), chol)
         return [ks.T @ alpha for ks in solved], [JointFactor(solved, chol)]
