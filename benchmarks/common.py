@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from horse_pl.records import machine, provenance  # noqa: F401  (re-exported for the benchmark scripts)
+
+
+def split_at_dashes(argv: list[str], script: str) -> tuple[str, list[str], list[str]]:
+    """``(command, own, passed_on)``: the command line as a record names it (``python benchmarks/SCRIPT ...``),
+    the script's own arguments, and those after ``--``, which it passes on to what it runs."""
+    command = f"python benchmarks/{script} " + shlex.join(argv)
+    if "--" not in argv:
+        return command, list(argv), []
+    cut = argv.index("--")
+    return command, argv[:cut], argv[cut + 1:]
 
 
 def pyplot():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import provenance, write_json  # noqa: E402
+from common import provenance, split_at_dashes, write_json  # noqa: E402
 
 from horse_pl.arguments import positive_int  # noqa: E402
 
@@ -58,9 +57,7 @@ def run_edit(editor: str, requests: str, n: int, score: str, extra: list[str]) -
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = "python benchmarks/edit_wall.py " + shlex.join(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    command, argv, extra = split_at_dashes(argv, "edit_wall.py")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--editor", required=True, help="an exported editor folder")
     parser.add_argument("--requests", required=True, help="the requests file (the first N are edited)")

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import provenance, write_json  # noqa: E402
+from common import provenance, split_at_dashes, write_json  # noqa: E402
 
 from horse_pl.arguments import positive_int  # noqa: E402
 
@@ -112,9 +112,7 @@ def checkout_commit(checkout: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = "python benchmarks/side_by_side.py " + shlex.join(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    command, argv, extra = split_at_dashes(argv, "side_by_side.py")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--released", required=True, help="a checkout of the released code (a folder with main.py)")
     parser.add_argument("--released-script", default="main.py", help="its training entry point, in the checkout")

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import provenance, write_json  # noqa: E402
+from common import provenance, split_at_dashes, write_json  # noqa: E402
 
 from horse_pl.arguments import positive_int  # noqa: E402
 from horse_pl.timing import TRAIN_STAGES  # noqa: E402
@@ -128,9 +128,7 @@ def run(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = "python benchmarks/train_step.py " + " ".join(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    command, argv, extra = split_at_dashes(argv, "train_step.py")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "horse_smollm2_zsre.yaml"))
     parser.add_argument("--steps", type=positive_int, default=12, help="timed steps")
