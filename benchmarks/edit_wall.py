@@ -42,15 +42,18 @@ def timing_line(stdout: str) -> tuple[dict[str, float], float]:
 
 
 def run_edit(editor: str, requests: str, n: int, score: str, extra: list[str]) -> dict:
+    """One ``edit.py edit`` run (``extra``: more of its options) and its timings."""
     with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "edited"
         cmd = [sys.executable, str(ROOT / "edit.py"), "edit", "--editor", editor, "--requests", requests,
-               "--limit", str(n), "--score", score, "--progress", "off", "--out", str(Path(tmp) / "edited"), *extra]
+               "--limit", str(n), "--score", score, "--progress", "off", "--out", str(out), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise SystemExit(f"edit.py failed (N={n}, --score {score}):\n{proc.stderr[-3000:]}")
         printed, wall = timing_line(proc.stdout)
         # the report's figures are unrounded; the saving, timed after the report was written, only printed
-        seconds = {**printed, **json.loads((Path(tmp) / "edited" / "edit_report.json").read_text())["timings"]}
+        report = out.with_name(out.name + ".edit_report.json") if "--delta" in extra else out / "edit_report.json"
+        seconds = {**printed, **json.loads(report.read_text())["timings"]}
     edit = sum(seconds.get(k, 0.0) for k in EDIT_STAGES)
     return {"n_edits": n, "score": score, "wall": wall, "edit_stages": edit, "ratio": wall / edit, "seconds": seconds}
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in args.n:
         for score in args.score:
-            row = run_edit(args.editor, args.requests, n, score, extra)
+            row = run_edit(str(Path(args.editor).resolve()), str(Path(args.requests).resolve()), n, score, extra)
             rows.append(row)
             print(f"N={n:>5}  --score {score:<4}  wall {row['wall']:7.1f} s  edit stages {row['edit_stages']:6.1f} s  "
                   f"ratio {row['ratio']:.2f}  (" + ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items()) + ")",

@@ -46,11 +46,23 @@ def progress_counts(text: str, desc: str) -> list[int]:
     return [int(m.group(1)) for m in pattern.finditer(text)]
 
 
-def released_steps(checkout: Path, script: str, args: list[str], desc: str, n: int, timeout: float) -> list[float]:
-    """Run the checkout's ``script`` with ``args`` until its ``desc`` bar has counted ``n`` steps, stop it, and
-    return the seconds of each of those steps (the first starts when the bar first shows 0)."""
+def step_seconds(seen: dict[int, float], n: int) -> list[float]:
+    """The seconds of steps 1..n from the times their counts were first printed (``seen``, count -> time, with 0);
+    where the bar skipped counts, the steps between two printed counts share the time between them evenly."""
+    counts = sorted(seen)
+    steps = []
+    for a, b in zip(counts, counts[1:]):
+        steps += [(seen[b] - seen[a]) / (b - a)] * (b - a)
+    return steps[:n]
+
+
+def released_steps(checkout: Path, script: str, args: list[str], desc: str, n: int, timeout: float,
+                   python: str = sys.executable) -> list[float]:
+    """Run the checkout's ``script`` with ``args`` (under ``python``) until its ``desc`` bar has counted ``n``
+    steps, stop it, and return the seconds of each of those steps (the first starts when the bar first shows 0,
+    or at the start of the run if it never showed 0)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, script, *args], cwd=checkout, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([python, script, *args], cwd=checkout, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     seen: dict[int, float] = {}  # count -> when it was first printed
     buffer, tail, start = "", "", time.monotonic()
@@ -88,9 +100,8 @@ def released_steps(checkout: Path, script: str, args: list[str], desc: str, n: i
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    if 0 not in seen:
-        seen[0] = start
-    return [seen[k] - seen[k - 1] for k in range(1, n + 1) if k in seen and k - 1 in seen]
+    seen.setdefault(0, start)
+    return step_seconds(seen, n)
 
 
 def our_steps(config: str, steps: int, warmup: int, extra: list[str]) -> dict:
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--released-script", default="main.py", help="its training entry point, in the checkout")
     parser.add_argument("--released-args", default="", help="its command-line arguments (Hydra overrides), one string")
     parser.add_argument("--released-progress", default="Train", help="the name of its training progress bar")
+    parser.add_argument("--released-python", default=sys.executable,
+                        help="the Python that runs it (default: this one; give its own environment's if it has one)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "horse_smollm2_zsre.yaml"), help="our recipe")
     parser.add_argument("--steps", type=positive_int, default=4, help="timed steps of each side per round")
     parser.add_argument("--warmup", type=positive_int, default=1, help="untimed first steps of each run")
@@ -134,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for r in range(args.rounds):
         timed = released_steps(checkout, args.released_script, shlex.split(args.released_args),
-                               args.released_progress, args.warmup + args.steps, args.timeout)[args.warmup:]
+                               args.released_progress, args.warmup + args.steps, args.timeout,
+                               args.released_python)[args.warmup:]
         ours = our_steps(args.config, args.steps, args.warmup, extra)
         rounds.append({"released_steps": timed, "our_steps": ours["steps"],
                        "released_median": statistics.median(timed), "our_median": ours["seconds"]["step"]["median"],

@@ -213,8 +213,8 @@ class HyperNetwork(nn.Module):
     @contextmanager
     def fused(self, rows: int) -> Iterator[None]:
         """Inside the block, passes without gradients multiply each block's rows by the product ``A B``, computed
-        once on entry, instead of by ``A`` and then ``B``: ``2 s^2`` instead of ``4 s r`` multiply-adds a row for a
-        block of size ``s`` and rank ``r``, for ``2 s^2 r`` once. A network takes it where that is less work for
+        once on entry, instead of by ``A`` and then ``B``: ``2 s^2`` instead of ``4 s r`` FLOP a row for a block of
+        size ``s`` and rank ``r``, for ``2 s^2 r`` once. A network takes it where that is less work for
         ``rows`` rows of each of its modules (the rows of one edit batch); the results differ from the unfused
         ones by float rounding only."""
         fused = []

@@ -176,9 +176,9 @@ def test_edit_wall_reads_each_edit_py_run_s_own_timing_line(editor_dir, tmp_path
     wall = _load("edit_wall")
     out = tmp_path / "wall.json"
     assert wall.main(["--editor", str(editor_dir / "editor"), "--requests", small_zsre()[1], "--n", "3",
-                      "--score", "none", "edit", "--out", str(out)]) == 0
+                      "--score", "none", "edit", "--out", str(out), "--", "--delta"]) == 0
     report = json.loads(out.read_text())
-    assert report["kind"] == "edit_wall" and report["commit"]
+    assert report["kind"] == "edit_wall" and report["commit"] and report["edit_py_options"] == ["--delta"]
     assert [(r["n_edits"], r["score"]) for r in report["results"]] == [(3, "none"), (3, "edit")]
     for row in report["results"]:
         assert row["edit_stages"] == pytest.approx(sum(row["seconds"].get(k, 0) for k in wall.EDIT_STAGES))
@@ -233,6 +233,7 @@ def test_side_by_side_names_a_checkout_without_main_and_a_released_run_that_fail
     (tmp_path / "main.py").write_text("import sys; print('no such config'); sys.exit(3)")
     with pytest.raises(SystemExit, match="(?s)exited with code 3 after 0 of 2 steps.*no such config"):
         side.released_steps(tmp_path, "main.py", [], "Train", 2, timeout=60)
+    assert side.step_seconds({0: 0.0, 1: 2.0, 4: 8.0, 6: 9.0}, 5) == [2.0, 2.0, 2.0, 2.0, 0.5]  # 2, 3 and 5 skipped
     assert side.progress_counts("Train:  10%|#  | 1/10 [00:01<00:09, 1.0s/it]\rTrain:  20%|## | 2/10 [00:02<00:08]",
                                 "Train") == [1, 2]
 
