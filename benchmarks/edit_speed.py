@@ -7,7 +7,9 @@ For each N, the wall time to compute and merge N edits, split into capture, hype
 spread, solve and merge; edits per second; peak memory. Beside it the floor: one forward + backward
 over the same N edit prompts with gradients only at the edit modules' weights, the work no
 gradient-based editor can skip. Every measurement runs in its own process (so peak memory is its own);
-time is the minimum over ``--repeats``. Writes a JSON file and a PNG plot.
+time is the minimum over ``--repeats``. With ``--interleave`` one process per N times edit and floor in turn,
+``--repeats`` times each, so a drift of the machine's speed reaches both alike (no peak memory then). Writes a JSON
+file and a PNG plot.
 """
 
 from __future__ import annotations
@@ -80,44 +82,49 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     base_mb = _peak_mb(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_tokens = int(sum((mb["labels"] != -100).sum() for mb in micro_batches))
-    best: dict[str, float] | None = None
-    if args.worker_kind == "floor":
-        weights = [m.weight for m in modules]
+    weights = [m.weight for m in modules]
+
+    def floor_once(batches) -> dict[str, float]:
         for w in weights:
             w.requires_grad_(True)
+            w.grad = None
+        timer = StageTimer(device)
+        with timer("total"):
+            for mb in batches:
+                answer_ce(model, mb).backward()
+        for w in weights:  # the capture needs no weight gradient
+            w.requires_grad_(False)
+            w.grad = None
+        return timer.seconds
 
-        def once() -> dict[str, float]:
-            for w in weights:
-                w.grad = None
-            timer = StageTimer(device)
-            with timer("total"):
-                for mb in micro_batches:
-                    answer_ce(model, mb).backward()
-            return timer.seconds
-        for mb in warm:
-            answer_ce(model, mb).backward()
-    else:
-        def once() -> dict[str, float]:
-            timer = StageTimer(device)
-            timings = timer.seconds
-            with timer("capture"):
-                cap = editor.capture(model, modules, micro_batches)
-            with torch.no_grad():
-                state = editor.param_shifts(cap, timer=timer)
-                with timer("merge"):
-                    merge(modules, state.param_shifts)
-                    merge(modules, state.param_shifts, sign=-1.0)  # restore for the next repeat
-                timings["merge"] /= 2  # one merge
-            timings["total"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve", "merge"))
-            return timings
+    def edit_once(batches) -> dict[str, float]:
+        timer = StageTimer(device)
+        timings = timer.seconds
+        with timer("capture"):
+            cap = editor.capture(model, modules, batches)
         with torch.no_grad():
-            editor.param_shifts(editor.capture(model, modules, warm))
+            state = editor.param_shifts(cap, timer=timer)
+            with timer("merge"):
+                merge(modules, state.param_shifts)
+                merge(modules, state.param_shifts, sign=-1.0)  # restore for the next repeat
+            timings["merge"] /= 2  # one merge
+        timings["total"] = sum(timings[k] for k in ("capture", "predict", "spread", "solve", "merge"))
+        return timings
+
+    # "both" times the two in turn in this one process (interleaved: a drift of the machine's speed reaches both)
+    kinds = ("floor", "edit") if args.worker_kind == "both" else (args.worker_kind,)
+    once = {"floor": floor_once, "edit": edit_once}
+    for kind in kinds:  # warm-up on one micro-batch
+        once[kind](warm)
+    best: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
-        result = once()
-        if best is None or result["total"] < best["total"]:
-            best = result
+        for kind in kinds:
+            result = once[kind](micro_batches)
+            if kind not in best or result["total"] < best[kind]["total"]:
+                best[kind] = result
     peak = _peak_mb(device)
-    return {"kind": args.worker_kind, "n_edits": args.worker_n, "answer_tokens": n_tokens, "seconds": best,
+    return {"kind": args.worker_kind, "n_edits": args.worker_n, "answer_tokens": n_tokens,
+            "seconds": best if args.worker_kind == "both" else best[args.worker_kind],
             "peak_memory_mb": peak, "peak_over_loaded_mb": peak - base_mb}
 
 
@@ -147,9 +154,13 @@ def plot(report: dict, path: Path) -> None:
     ax1.set(xscale="log", yscale="log", xlabel="simultaneous edits N", ylabel="seconds")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3, which="both")
-    ax2.plot(ns, [r["edit_peak_over_loaded_mb"] for r in rows], marker="o", label="edit")
-    ax2.plot(ns, [r["floor_peak_over_loaded_mb"] for r in rows], marker="s", linestyle="--", label="floor")
-    ax2.set(xscale="log", xlabel="simultaneous edits N", ylabel="peak memory over loaded model (MiB)")
+    if rows[0]["edit_peak_over_loaded_mb"] is None:  # interleaved: no peak memory of either alone
+        ax2.plot(ns, [r["ratio"] for r in rows], marker="o", label="edit / floor")
+        ax2.set(xscale="log", xlabel="simultaneous edits N", ylabel="edit / floor")
+    else:
+        ax2.plot(ns, [r["edit_peak_over_loaded_mb"] for r in rows], marker="o", label="edit")
+        ax2.plot(ns, [r["floor_peak_over_loaded_mb"] for r in rows], marker="s", linestyle="--", label="floor")
+        ax2.set(xscale="log", xlabel="simultaneous edits N", ylabel="peak memory over loaded model (MiB)")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, which="both")
     save_figure(fig, path, f"{report['model']} ({report['dtype']}, {report['device']}), {report['machine']}")
@@ -170,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=positive_int, default=2, help="time = minimum over this many runs")
+    p.add_argument("--interleave", action="store_true",
+                   help="time edit and floor in turn in one process per N (no peak memory)")
     p.add_argument("--out", default="benchmarks/results/edit_speed.json")
     p.add_argument("--worker-kind", help=argparse.SUPPRESS)
     p.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
@@ -193,20 +206,28 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for n in args.n:
-        edit, floor = measure(args, "edit", n), measure(args, "floor", n)
-        row = {"n_edits": n, "answer_tokens": edit["answer_tokens"], "edit": edit["seconds"],
-               "floor": floor["seconds"]["total"], "ratio": edit["seconds"]["total"] / floor["seconds"]["total"],
-               "edits_per_second": n / edit["seconds"]["total"],
-               "seconds_per_100_edits": 100 * edit["seconds"]["total"] / n,
-               "edit_peak_memory_mb": edit["peak_memory_mb"], "edit_peak_over_loaded_mb": edit["peak_over_loaded_mb"],
-               "floor_peak_memory_mb": floor["peak_memory_mb"],
-               "floor_peak_over_loaded_mb": floor["peak_over_loaded_mb"]}
+        if args.interleave:  # one process times both in turn; its peak memory is theirs together, so none is given
+            both = measure(args, "both", n)
+            edit_s, floor_s = both["seconds"]["edit"], both["seconds"]["floor"]
+            memory = dict.fromkeys(("edit_peak_memory_mb", "edit_peak_over_loaded_mb", "floor_peak_memory_mb",
+                                    "floor_peak_over_loaded_mb"))
+        else:
+            edit, floor = measure(args, "edit", n), measure(args, "floor", n)
+            both, edit_s, floor_s = edit, edit["seconds"], floor["seconds"]
+            memory = {"edit_peak_memory_mb": edit["peak_memory_mb"],
+                      "edit_peak_over_loaded_mb": edit["peak_over_loaded_mb"],
+                      "floor_peak_memory_mb": floor["peak_memory_mb"],
+                      "floor_peak_over_loaded_mb": floor["peak_over_loaded_mb"]}
+        row = {"n_edits": n, "answer_tokens": both["answer_tokens"], "edit": edit_s, "floor": floor_s["total"],
+               "ratio": edit_s["total"] / floor_s["total"], "edits_per_second": n / edit_s["total"],
+               "seconds_per_100_edits": 100 * edit_s["total"] / n, **memory}
         results.append(row)
         s = row["edit"]
+        peak = ("" if args.interleave else f"  peak +{row['edit_peak_over_loaded_mb']:.0f} MiB "
+                f"(floor +{row['floor_peak_over_loaded_mb']:.0f})")
         print(f"N={n:>5}  edit {s['total']:7.2f} s (capture {s['capture']:.2f}, predict {s['predict']:.2f}, "
               f"spread {s['spread']:.3f}, solve {s['solve']:.2f}, merge {s['merge']:.3f})  "
-              f"floor {row['floor']:7.2f} s  ratio {row['ratio']:.2f}  {row['edits_per_second']:.1f} edits/s  "
-              f"peak +{row['edit_peak_over_loaded_mb']:.0f} MiB (floor +{row['floor_peak_over_loaded_mb']:.0f})",
+              f"floor {row['floor']:7.2f} s  ratio {row['ratio']:.2f}  {row['edits_per_second']:.1f} edits/s{peak}",
               flush=True)
     ns = [r["n_edits"] for r in results]
     report = {
@@ -219,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(ns) > 1:
         report["time_growth_exponent"] = fit_slope(ns, [r["edit"]["total"] for r in results], log=True)
         report["floor_growth_exponent"] = fit_slope(ns, [r["floor"] for r in results], log=True)
-        report["memory_mb_per_edit"] = fit_slope(ns, [r["edit_peak_over_loaded_mb"] for r in results], log=False)
-        print(f"time ~ N^{report['time_growth_exponent']:.2f} (floor ~ N^{report['floor_growth_exponent']:.2f}); "
-              f"peak memory grows {report['memory_mb_per_edit']:.2f} MiB per edit")
+        print(f"time ~ N^{report['time_growth_exponent']:.2f} (floor ~ N^{report['floor_growth_exponent']:.2f})")
+        if not args.interleave:
+            report["memory_mb_per_edit"] = fit_slope(ns, [r["edit_peak_over_loaded_mb"] for r in results], log=False)
+            print(f"peak memory grows {report['memory_mb_per_edit']:.2f} MiB per edit")
     out = Path(args.out)
     write_json(report, out)
     plot(report, out.with_suffix(".png"))

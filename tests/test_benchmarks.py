@@ -58,6 +58,12 @@ def test_edit_speed_splits_the_edit_time_and_measures_the_floor(tiny_llama, tmp_
         assert row["edit_peak_memory_mb"] > 0 and row["answer_tokens"] > 0
     assert "time_growth_exponent" in report and out.with_suffix(".png").stat().st_size > 1000
     assert report["commit"] and report["kind"] == "edit_speed"  # the record names the code it measured
+    # interleaved: one process per N times both in turn; the split and the ratio as before, no peak memory
+    assert speed.main(["--n", "4", "--repeats", "2", "--model", tiny_llama, "--edit-modules", "layers:2-3",
+                       "--rank", "16", "--interleave", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["ratio"] == pytest.approx(row["edit"]["total"] / row["floor"]) and row["floor"] > 0
+    assert row["edit"]["capture"] > 0 and row["edit_peak_memory_mb"] is None
 
 
 def test_edit_quality_scores_each_editor_against_n(editor_dir, tmp_path, capsys):
