@@ -301,7 +301,8 @@ def _performance_section(records: dict[str, dict]) -> list[str]:
                           [[str(x["n_edits"])] + [_f(_speed(x, k), 2) for k in ("capture", "predict", "solve", "total",
                                                                                 "floor", "ratio")]
                            + [_f(x["edits_per_second"], 1),
-                              f"{_f(x.get('edit_peak_memory_mb'), 0)} / {_f(x.get('floor_peak_memory_mb'), 0)}"]
+                              f"{_f(x.get('edit_peak_memory_mb'), 0)} / {_f(x.get('floor_peak_memory_mb'), 0)}"
+                              if x.get("edit_peak_memory_mb") is not None else "not measured (interleaved)"]
                            for x in r["results"]])
             if (RECORDS / f"{name}.png").exists():
                 out += ["", f"![edit speed](results/{name}.png)"]
