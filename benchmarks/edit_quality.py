@@ -271,13 +271,15 @@ def evaluate(args) -> dict:
                     ke, args.trace_every, refinement.steps,
                     {"output_change": unrelated, "output_change_heldout": heldout}, ppl_texts, ppl_before, trace))
             timer = StageTimer(ke.model.device)
-            result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
-                                    score_before=str(n) not in report["unedited"], timer=timer,
-                                    rounds=overrides.get("rounds", 1), refinement=refinement,
-                                    refinement_batches=extra)
+            try:
+                result = edit_and_score(ke.editor, ke.model, ke.modules, batch, args.views or EVAL_VIEWS,
+                                        score_before=str(n) not in report["unedited"], timer=timer,
+                                        rounds=overrides.get("rounds", 1), refinement=refinement,
+                                        refinement_batches=extra)
+            finally:
+                if handle is not None:
+                    handle.remove()
             row = {k: float(v.mean()) for k, v in result.values_after.items() if k in SCORES and v.numel()}
-            if handle is not None:
-                handle.remove()
             row["edit_seconds"] = sum(timer.seconds.get(k, 0.0) for k in ("capture", "predict", "spread", "solve",
                                                                           "refine"))
             if trace:  # the trace's own passes are not the edit's

@@ -327,7 +327,8 @@ class Editor(nn.Module):
         # the budget's denominator: the weights' outputs on unrelated text, the same at every step
         output_base = output_energy([weight_in_out(m) for m in modules], unrelated) if refinement.budget else None
 
-        def solve():
+        def solve(step: int):
+            """The shifts of the current residuals (back onto the budget), shown to the refine hooks as ``step``."""
             with torch.no_grad():
                 solved, factored = self.update.solve(state.update_keys, residuals, log_lambdas, all_reduce,
                                                      moments, self.fact_moments, factors=factors)
@@ -338,11 +339,11 @@ class Editor(nn.Module):
                         for residual in residuals:
                             residual.mul_(scale)
                         solved = [shift * scale for shift in solved]
-                return solved, factored
-        for step in track(range(refinement.steps), "refine"):
-            solved, factors = solve()
             for hook in self._refine_hooks.values():
                 hook(step, solved)
+            return solved, factored
+        for step in track(range(refinement.steps), "refine"):
+            solved, factors = solve(step)
             shifts = [shift.detach().requires_grad_(True) for shift in solved]
             keyed = refinement.at == "keys"  # the shifts act per row group, at its key positions alone
 
@@ -368,9 +369,7 @@ class Editor(nn.Module):
                 residual.grad = grad.residuals.to(residual.dtype)
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)
-        solved, factors = solve()
-        for hook in self._refine_hooks.values():
-            hook(refinement.steps, solved)
+        solved, factors = solve(refinement.steps)
         return EditState(state.update_keys, state.residuals, residuals, solved, factors=factors)
 
     def edit_in_rounds(self, model: nn.Module, modules: Sequence[nn.Module], micro_batches, rounds: int = 1,
